@@ -1,0 +1,90 @@
+"""OFA's sequence generator as a thin subclass of fairseq's.
+
+OFA differs from stock fairseq in two ways that matter for these tasks: decoding starts from
+bos (not eos), and an optional answer trie restricts each step's logits *before* the
+log-softmax, so the allowed tokens are renormalised among themselves.
+"""
+import math
+from typing import Dict, List, Optional
+
+import torch
+from fairseq.sequence_generator import EnsembleModel, SequenceGenerator
+from torch import Tensor
+
+
+class OFAEnsembleModel(EnsembleModel):
+    """fairseq's ensemble wrapper with OFA's constraint-trie masking of the last-step logits."""
+
+    def __init__(self, models, constraint_trie=None):
+        super().__init__(models)
+        self.constraint_trie = constraint_trie
+        self.prefix_tokens: Optional[Tensor] = None
+
+    def _allowed_mask(self, tokens: Tensor, logits: Tensor) -> Tensor:
+        """(rows x V) mask of the tokens the trie allows after each row's generated prefix."""
+        mask = torch.zeros_like(logits, dtype=torch.bool)
+        beam = tokens.size(0) // self.prefix_tokens.size(0) if self.prefix_tokens is not None else 1
+        for row, history in enumerate(tokens.tolist()):
+            prefix_len = 0
+            if self.prefix_tokens is not None:
+                prefix_len = int(self.prefix_tokens[row // beam].ne(1).sum())
+            if len(history) > prefix_len:
+                # Trie paths hold the answer tokens after bos; forced prefix tokens are not part of them.
+                allowed = self.constraint_trie.next_tokens(history[prefix_len + 1 :])
+                mask[row, allowed] = True
+            else:
+                mask[row] = True
+        return mask
+
+    @torch.jit.unused
+    def forward_decoder(
+        self,
+        tokens: Tensor,
+        encoder_outs: List[Dict[str, List[Tensor]]],
+        incremental_states: List[Dict[str, Dict[str, Optional[Tensor]]]],
+        temperature: float = 1.0,
+    ):
+        log_probs, avg_attn = [], None
+        for i, model in enumerate(self.models):
+            decoder_out = model.decoder.forward(
+                tokens, encoder_out=encoder_outs[i], incremental_state=incremental_states[i]
+            )
+            attn = decoder_out[1]["attn"][0] if decoder_out[1] is not None else None
+            if attn is not None:
+                attn = attn[:, -1, :]
+            logits = decoder_out[0][:, -1:, :].div_(temperature)
+            if self.constraint_trie is not None:
+                logits.masked_fill_(~self._allowed_mask(tokens, logits[:, 0]).unsqueeze(1), -math.inf)
+            probs = model.get_normalized_probs((logits, decoder_out[1]), log_probs=True, sample=None)[:, -1, :]
+            if self.models_size == 1:
+                return probs, attn
+            log_probs.append(probs)
+            if attn is not None:
+                avg_attn = attn if avg_attn is None else avg_attn + attn
+        avg_probs = torch.logsumexp(torch.stack(log_probs, dim=0), dim=0) - math.log(self.models_size)
+        if avg_attn is not None:
+            avg_attn = avg_attn / self.models_size
+        return avg_probs, avg_attn
+
+
+class OFASequenceGenerator(SequenceGenerator):
+    """Beam search that starts from bos and honours an answer trie, as OFA's generator does."""
+
+    def __init__(self, models, tgt_dict, constraint_trie=None, **kwargs):
+        ensemble = models if isinstance(models, EnsembleModel) else OFAEnsembleModel(models, constraint_trie)
+        super().__init__(ensemble, tgt_dict, **kwargs)
+        self.bos = tgt_dict.bos()
+        self.constraint_trie = constraint_trie
+
+    def _generate(
+        self,
+        sample: Dict[str, Dict[str, Tensor]],
+        prefix_tokens: Optional[Tensor] = None,
+        constraints: Optional[Tensor] = None,
+        bos_token: Optional[int] = None,
+    ):
+        self.model.prefix_tokens = prefix_tokens
+        return super()._generate(
+            sample, prefix_tokens=prefix_tokens, constraints=constraints,
+            bos_token=self.bos if bos_token is None else bos_token,
+        )

@@ -1,0 +1,60 @@
+"""Loading OFA checkpoint files as they are, under torch's weights-only unpickler.
+
+OFA's trainer stores `cfg["model"]` as an `argparse.Namespace`; torch >= 2.6 refuses any class
+that is not allow-listed. Allow-listing the few classes fairseq checkpoints need keeps the
+protection for everything else.
+"""
+import argparse
+import logging
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+OFA_ARCHITECTURES = ("ofa", "ofa_tiny", "ofa_medium", "ofa_base", "ofa_large", "ofa_huge")
+
+
+def allow_fairseq_checkpoint_globals() -> None:
+    """Allow-list the non-tensor classes found in OFA and fairseq-fixed checkpoints."""
+    safe = [argparse.Namespace, np.dtype, np.core.multiarray.scalar]
+    safe += [type(np.dtype(name)) for name in ("float64", "float32", "int64", "int32", "bool")]
+    torch.serialization.add_safe_globals(safe)
+
+
+def checkpoint_architecture(state: Dict) -> Optional[str]:
+    """The model architecture recorded in a loaded checkpoint dict (legacy `args` or `cfg`)."""
+    for holder in (state.get("cfg") or {}).get("model") if state.get("cfg") else None, state.get("args"):
+        if holder is None:
+            continue
+        arch = getattr(holder, "arch", None) or getattr(holder, "_name", None)
+        if arch is None and hasattr(holder, "get"):
+            arch = holder.get("arch") or holder.get("_name")
+        if arch:
+            return arch
+    return None
+
+
+def check_is_ofa_checkpoint(path: str, state: Dict, accepted: Sequence[str]) -> str:
+    """Raise a clear error unless `state` (loaded from `path`) holds one of `accepted` architectures."""
+    if "model" not in state:
+        raise ValueError(f"{path}: not a fairseq checkpoint (no 'model' entry; keys: {sorted(state)})")
+    arch = checkpoint_architecture(state)
+    if arch not in accepted:
+        raise ValueError(
+            f"{path}: checkpoint architecture {arch!r} is not an OFA model; expected one of {list(accepted)}"
+        )
+    return arch
+
+
+def load_ofa_ensemble(
+    paths: List[str], arg_overrides: Optional[Dict] = None, task=None, accepted: Sequence[str] = OFA_ARCHITECTURES
+) -> Tuple[list, object, object]:
+    """`checkpoint_utils.load_model_ensemble_and_task` after checking each file is an OFA model."""
+    from fairseq import checkpoint_utils
+
+    for path in paths:
+        state = checkpoint_utils.load_checkpoint_to_cpu(path, arg_overrides)
+        check_is_ofa_checkpoint(path, state, accepted)
+    return checkpoint_utils.load_model_ensemble_and_task(paths, arg_overrides=arg_overrides, task=task)

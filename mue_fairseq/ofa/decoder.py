@@ -1,0 +1,211 @@
+"""OFA's incremental decoder: position information only through attention biases.
+
+Self-attention gets an absolute bias from the target positions plus a per-layer token
+relative bias; cross-attention gets an absolute bias between target positions and the
+encoder's `position_embeddings`. In incremental mode only the newest row of each bias is
+computed.
+"""
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+from fairseq import utils
+from fairseq.models import FairseqIncrementalDecoder
+from fairseq.modules import FairseqDropout, LayerNorm
+from torch import Tensor, nn
+
+from .attention import IncrementalState
+from .encoder import EncoderOut, OFAEmbedding, PositionBiasMixin
+from .layers import OFADecoderLayer
+from .position import decoder_code_position_ids, image_relative_buckets, token_relative_buckets
+
+
+class OFADecoder(PositionBiasMixin, FairseqIncrementalDecoder):
+    def __init__(self, args, dictionary, embed_tokens: nn.Embedding):
+        super().__init__(dictionary)
+        self.args = args
+        self.register_buffer("version", torch.Tensor([3]))
+        embed_dim = args.decoder_embed_dim
+        if embed_tokens.embedding_dim != embed_dim or getattr(args, "decoder_output_dim", embed_dim) != embed_dim:
+            raise ValueError("OFA decoders need decoder embed/input/output dims to be equal")
+        self.embed_dim = embed_dim
+        self.padding_idx = embed_tokens.padding_idx
+        self.max_target_positions = args.max_target_positions
+        self.num_attention_heads = args.decoder_attention_heads
+        self.share_input_output_embed = args.share_decoder_input_output_embed
+        self.dropout_module = FairseqDropout(args.dropout, module_name=type(self).__name__)
+        self.embed_tokens = embed_tokens
+        self.embed_scale = 1.0 if args.no_scale_embedding else embed_dim ** 0.5
+        # OFA adds absolute positions to the token embeddings unless --disable-entangle.
+        self.add_positions_to_embeddings = not getattr(args, "disable_entangle", False)
+
+        self.layernorm_embedding = LayerNorm(embed_dim) if getattr(args, "layernorm_embedding", False) else None
+        self.code_layernorm_embedding = (
+            LayerNorm(embed_dim) if getattr(args, "code_layernorm_embedding", False) else None
+        )
+        self.embed_positions = OFAEmbedding(args.max_target_positions + 2, embed_dim)
+        self.embed_image_positions = OFAEmbedding(args.image_bucket_size ** 2 + 1, embed_dim)
+        self.pos_ln = LayerNorm(embed_dim)
+        self.image_pos_ln = LayerNorm(embed_dim)
+        self.pos_scaling = float(embed_dim / self.num_attention_heads * args.attn_scale_factor) ** -0.5
+        self.self_pos_q_linear = nn.Linear(embed_dim, embed_dim)
+        self.self_pos_k_linear = nn.Linear(embed_dim, embed_dim)
+        self.cross_pos_q_linear = nn.Linear(embed_dim, embed_dim)
+        self.cross_pos_k_linear = nn.Linear(embed_dim, embed_dim)
+
+        drop_path_rates = torch.linspace(0, args.decoder_drop_path_rate, args.decoder_layers).tolist()
+        self.layers = nn.ModuleList([OFADecoderLayer(args, rate) for rate in drop_path_rates])
+        self.num_layers = len(self.layers)
+        self.layer_norm = LayerNorm(embed_dim) if args.decoder_normalize_before else None
+
+        self.output_projection = nn.Linear(embed_dim, len(dictionary), bias=False)
+        if self.share_input_output_embed:
+            self.output_projection.weight = self.embed_tokens.weight
+        else:
+            nn.init.normal_(self.output_projection.weight, mean=0, std=embed_dim ** -0.5)
+
+        heads = self.num_attention_heads
+        image_ids = (2 * args.image_bucket_size - 1) ** 2 + 3
+        self.token_rel_pos_table_list = nn.ModuleList(
+            [OFAEmbedding(2 * args.token_bucket_size - 1, heads, zero_init=True) for _ in self.layers]
+        )
+        self.image_rel_pos_table_list = nn.ModuleList(
+            [OFAEmbedding(image_ids, heads, zero_init=True) for _ in self.layers]
+        )
+        self.register_buffer("token_rp_bucket", token_relative_buckets(args.token_bucket_size))
+        self.register_buffer("image_rp_bucket", image_relative_buckets(args.image_bucket_size))
+        self.register_buffer(
+            "image_position_idx", decoder_code_position_ids(args.code_image_size, args.image_bucket_size)
+        )
+        self._future_mask = torch.empty(0)
+
+    # ----------------------------------------------------------------- pieces MuE reuses
+    def target_positions(self, tgt_len: int, device) -> Tensor:
+        """Normalised absolute position embeddings (tgt_len x C) of target positions 0..tgt_len-1."""
+        return self.pos_ln(self.embed_positions(torch.arange(tgt_len, device=device)))
+
+    def self_position_bias(self, tgt_pos: Tensor, batch: int, query_from: int = 0) -> Tensor:
+        """(B x H x Tq x T) absolute self-attention bias for query positions query_from..T-1."""
+        pos = tgt_pos.unsqueeze(0).expand(batch, -1, -1)
+        return self._pair_bias(self.self_pos_q_linear, self.self_pos_k_linear, pos[:, query_from:], pos)
+
+    def cross_position_bias(self, tgt_pos: Tensor, src_pos: Tensor, query_from: int = 0) -> Tensor:
+        """(B x H x Tq x S) absolute cross-attention bias against encoder positions (B x S x C)."""
+        pos = tgt_pos[query_from:].unsqueeze(0).expand(src_pos.size(0), -1, -1)
+        return self._pair_bias(self.cross_pos_q_linear, self.cross_pos_k_linear, pos, src_pos)
+
+    def embed_target(self, tokens: Tensor, positions: Tensor) -> Tensor:
+        """Token embeddings (B x T x C) of `tokens`, whose raw position embeddings are `positions`."""
+        x = self.embed_scale * self.embed_tokens(tokens)
+        if self.add_positions_to_embeddings:
+            x = x + positions
+        if self.layernorm_embedding is not None:
+            x = self.layernorm_embedding(x)
+        return self.dropout_module(x)
+
+    def buffered_future_mask(self, tensor: Tensor) -> Tensor:
+        dim = tensor.size(0)
+        if self._future_mask.size(0) < dim or self._future_mask.device != tensor.device:
+            self._future_mask = torch.triu(utils.fill_with_neg_inf(torch.zeros(dim, dim)), 1)
+        self._future_mask = self._future_mask.to(tensor)
+        return self._future_mask[:dim, :dim]
+
+    # ----------------------------------------------------------------- forward
+    def forward(
+        self,
+        prev_output_tokens: Tensor,
+        code_masks: Optional[Tensor] = None,
+        encoder_out: Optional[EncoderOut] = None,
+        incremental_state: Optional[IncrementalState] = None,
+        features_only: bool = False,
+        full_context_alignment: bool = False,
+        alignment_layer: Optional[int] = None,
+        alignment_heads: Optional[int] = None,
+        src_lengths: Optional[Any] = None,
+        return_all_hiddens: bool = False,
+    ) -> Tuple[Tensor, Dict[str, List[Optional[Tensor]]]]:
+        x, extra = self.extract_features(
+            prev_output_tokens,
+            code_masks=code_masks,
+            encoder_out=encoder_out,
+            incremental_state=incremental_state,
+            full_context_alignment=full_context_alignment,
+            alignment_layer=alignment_layer,
+            alignment_heads=alignment_heads,
+        )
+        if not features_only:
+            x = self.output_layer(x)
+        return x, extra
+
+    def extract_features(
+        self,
+        prev_output_tokens: Tensor,
+        code_masks: Optional[Tensor] = None,
+        encoder_out: Optional[EncoderOut] = None,
+        incremental_state: Optional[IncrementalState] = None,
+        full_context_alignment: bool = False,
+        alignment_layer: Optional[int] = None,
+        alignment_heads: Optional[int] = None,
+    ) -> Tuple[Tensor, Dict[str, List[Optional[Tensor]]]]:
+        if code_masks is not None and bool(code_masks.any()):
+            raise NotImplementedError("image-code generation (code_masks) is not supported by mue-fairseq")
+        if alignment_layer is None:
+            alignment_layer = self.num_layers - 1
+        batch, tgt_len = prev_output_tokens.shape
+        enc = encoder_out["encoder_out"][0]
+        enc_padding = encoder_out["encoder_padding_mask"][0] if encoder_out["encoder_padding_mask"] else None
+        raw_positions = self.embed_positions(torch.arange(tgt_len, device=prev_output_tokens.device))
+        tgt_pos = self.pos_ln(raw_positions)
+        heads = self.num_attention_heads
+
+        query_from = tgt_len - 1 if incremental_state is not None else 0
+        tokens = prev_output_tokens[:, query_from:]
+        self_bias = self.self_position_bias(tgt_pos, batch, query_from)
+        cross_bias = self.cross_position_bias(tgt_pos, encoder_out["position_embeddings"][0], query_from)
+        cross_bias = cross_bias.reshape(batch * heads, tokens.size(1), -1)
+
+        x = self.embed_target(tokens, raw_positions[query_from:]).transpose(0, 1)
+        self_padding = tokens.eq(self.padding_idx) if bool(tokens.eq(self.padding_idx).any()) else None
+
+        attn: Optional[Tensor] = None
+        inner_states: List[Optional[Tensor]] = [x]
+        for idx, layer in enumerate(self.layers):
+            causal = self.buffered_future_mask(x) if incremental_state is None and not full_context_alignment else None
+            rel = self.token_relative_bias(tgt_len, idx)[:, query_from:]
+            bias = (self_bias + rel.unsqueeze(0)).reshape(batch * heads, tokens.size(1), tgt_len)
+            x, layer_attn, _ = layer(
+                x,
+                enc,
+                enc_padding,
+                incremental_state,
+                self_attn_mask=causal,
+                self_attn_padding_mask=self_padding,
+                need_attn=idx == alignment_layer,
+                need_head_weights=idx == alignment_layer,
+                self_attn_bias=bias,
+                cross_attn_bias=cross_bias,
+            )
+            inner_states.append(x)
+            if layer_attn is not None and idx == alignment_layer:
+                attn = layer_attn.float().to(x)
+        if attn is not None:
+            if alignment_heads is not None:
+                attn = attn[:alignment_heads]
+            attn = attn.mean(dim=0)
+        if self.layer_norm is not None:
+            x = self.layer_norm(x)
+        return x.transpose(0, 1), {"attn": [attn], "inner_states": inner_states}
+
+    def output_layer(self, features: Tensor) -> Tensor:
+        return self.output_projection(features)
+
+    def max_positions(self) -> int:
+        return self.max_target_positions
+
+    def upgrade_state_dict_named(self, state_dict: Dict[str, Tensor], name: str):
+        # The code-grid index table is derived, and OFA itself rebuilds it on load.
+        state_dict[f"{name}.image_position_idx"] = self.image_position_idx
+        if f"{name}.output_projection.weight" not in state_dict and self.share_input_output_embed:
+            tied = state_dict.get(f"{name}.embed_tokens.weight")
+            if tied is not None:
+                state_dict[f"{name}.output_projection.weight"] = tied
+        return state_dict
