@@ -92,14 +92,22 @@ class OFAMultiheadAttention(nn.Module):
         need_weights: bool = False,
         need_head_weights: bool = False,
     ) -> Tuple[Tensor, Optional[Tensor]]:
-        """Attention of scaled queries q (B*H x T x d) over k, v (B*H x S x d); returns (T x B x C, weights)."""
+        """Attention of scaled queries q (B*H x T x d) over k, v (B*H x S x d); returns (T x B x C, weights).
+
+        attn_bias: (B*H x T x S) or broadcastable (1|B x H x T x S).
+        """
         bh, tgt_len, _ = q.shape
         batch = bh // self.num_heads
         src_len = k.size(1)
         scores = torch.bmm(q, k.transpose(1, 2))
         if attn_bias is not None:
-            # Right-aligned, as OFA slices it: the bias of the newest keys.
-            scores = scores + attn_bias[:, :, -src_len:]
+            # Right-aligned, as OFA slices it: the bias of the newest keys. A 4-D bias
+            # (1 or B, H, T, S) is broadcast over the batch instead of being copied per sample.
+            attn_bias = attn_bias[..., -src_len:]
+            if attn_bias.dim() == 4:
+                scores = (scores.view(batch, self.num_heads, tgt_len, src_len) + attn_bias).view(bh, tgt_len, src_len)
+            else:
+                scores = scores + attn_bias
         if attn_mask is not None:
             scores = scores + attn_mask.unsqueeze(0)
         if key_padding_mask is not None:

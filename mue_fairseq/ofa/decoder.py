@@ -83,15 +83,38 @@ class OFADecoder(PositionBiasMixin, FairseqIncrementalDecoder):
         """Normalised absolute position embeddings (tgt_len x C) of target positions 0..tgt_len-1."""
         return self.pos_ln(self.embed_positions(torch.arange(tgt_len, device=device)))
 
-    def self_position_bias(self, tgt_pos: Tensor, batch: int, query_from: int = 0) -> Tensor:
-        """(B x H x Tq x T) absolute self-attention bias for query positions query_from..T-1."""
-        pos = tgt_pos.unsqueeze(0).expand(batch, -1, -1)
+    def self_position_bias(self, tgt_pos: Tensor, query_from: int = 0) -> Tensor:
+        """(1 x H x Tq x T) absolute self-attention bias for query positions query_from..T-1.
+
+        Target positions are the same for every row, so one bias is broadcast over the batch.
+        """
+        pos = tgt_pos.unsqueeze(0)
         return self._pair_bias(self.self_pos_q_linear, self.self_pos_k_linear, pos[:, query_from:], pos)
 
-    def cross_position_bias(self, tgt_pos: Tensor, src_pos: Tensor, query_from: int = 0) -> Tensor:
-        """(B x H x Tq x S) absolute cross-attention bias against encoder positions (B x S x C)."""
-        pos = tgt_pos[query_from:].unsqueeze(0).expand(src_pos.size(0), -1, -1)
-        return self._pair_bias(self.cross_pos_q_linear, self.cross_pos_k_linear, pos, src_pos)
+    def cross_position_bias(
+        self, tgt_pos: Tensor, encoder_out: EncoderOut, incremental_state: Optional[IncrementalState], query_from: int = 0
+    ) -> Tensor:
+        """(B x H x Tq x S) absolute cross-attention bias against the encoder's positions.
+
+        The key side depends only on the encoder output, so decoding computes it once and
+        keeps it in the incremental state (reordered with the beams like the attention caches).
+        """
+        heads = self.num_attention_heads
+        pos_k = self.get_incremental_state(incremental_state, "cross_pos_k") if incremental_state is not None else None
+        if pos_k is None:
+            src_pos = encoder_out["position_embeddings"][0]
+            pos_k = self.cross_pos_k_linear(src_pos).view(src_pos.size(0), src_pos.size(1), heads, -1).transpose(1, 2)
+            if incremental_state is not None:
+                self.set_incremental_state(incremental_state, "cross_pos_k", pos_k)
+        batch = pos_k.size(0)
+        q = self.cross_pos_q_linear(tgt_pos[query_from:]).view(1, -1, heads, pos_k.size(-1)).transpose(1, 2)
+        return torch.matmul(q * self.pos_scaling, pos_k.transpose(2, 3)).expand(batch, -1, -1, -1)
+
+    def reorder_incremental_state(self, incremental_state: IncrementalState, new_order: Tensor):
+        pos_k = self.get_incremental_state(incremental_state, "cross_pos_k")
+        if pos_k is not None and pos_k.size(0) != new_order.size(0):
+            # Identical across the beams of a sentence: only a shrinking batch needs a copy.
+            self.set_incremental_state(incremental_state, "cross_pos_k", pos_k.index_select(0, new_order))
 
     def embed_target(self, tokens: Tensor, positions: Tensor) -> Tensor:
         """Token embeddings (B x T x C) of `tokens`, whose raw position embeddings are `positions`."""
@@ -150,18 +173,16 @@ class OFADecoder(PositionBiasMixin, FairseqIncrementalDecoder):
             raise NotImplementedError("image-code generation (code_masks) is not supported by mue-fairseq")
         if alignment_layer is None:
             alignment_layer = self.num_layers - 1
-        batch, tgt_len = prev_output_tokens.shape
+        tgt_len = prev_output_tokens.size(1)
         enc = encoder_out["encoder_out"][0]
         enc_padding = encoder_out["encoder_padding_mask"][0] if encoder_out["encoder_padding_mask"] else None
         raw_positions = self.embed_positions(torch.arange(tgt_len, device=prev_output_tokens.device))
         tgt_pos = self.pos_ln(raw_positions)
-        heads = self.num_attention_heads
 
         query_from = tgt_len - 1 if incremental_state is not None else 0
         tokens = prev_output_tokens[:, query_from:]
-        self_bias = self.self_position_bias(tgt_pos, batch, query_from)
-        cross_bias = self.cross_position_bias(tgt_pos, encoder_out["position_embeddings"][0], query_from)
-        cross_bias = cross_bias.reshape(batch * heads, tokens.size(1), -1)
+        self_bias = self.self_position_bias(tgt_pos, query_from)
+        cross_bias = self.cross_position_bias(tgt_pos, encoder_out, incremental_state, query_from)
 
         x = self.embed_target(tokens, raw_positions[query_from:]).transpose(0, 1)
         self_padding = tokens.eq(self.padding_idx) if bool(tokens.eq(self.padding_idx).any()) else None
@@ -170,8 +191,7 @@ class OFADecoder(PositionBiasMixin, FairseqIncrementalDecoder):
         inner_states: List[Optional[Tensor]] = [x]
         for idx, layer in enumerate(self.layers):
             causal = self.buffered_future_mask(x) if incremental_state is None and not full_context_alignment else None
-            rel = self.token_relative_bias(tgt_len, idx)[:, query_from:]
-            bias = (self_bias + rel.unsqueeze(0)).reshape(batch * heads, tokens.size(1), tgt_len)
+            bias = self_bias + self.token_relative_bias(tgt_len, idx)[:, query_from:].unsqueeze(0)
             x, layer_attn, _ = layer(
                 x,
                 enc,

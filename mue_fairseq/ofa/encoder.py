@@ -201,17 +201,21 @@ class OFAEncoder(PositionBiasMixin, FairseqEncoder):
         if has_pads:
             x = x * (1 - padding_mask.unsqueeze(-1).type_as(x))
         x = x.transpose(0, 1)
-        abs_bias = self.absolute_position_bias(pos_embed, pos_embed)
+        # Without patch sampling every sample has the same positions: one bias serves the batch.
+        shared = sample_patch_num is None
+        bias_pos = pos_embed[:1] if shared else pos_embed
+        abs_bias = self.absolute_position_bias(bias_pos, bias_pos)
+        if num_patches and shared:
+            image_position_ids_ = image_position_ids_[:1]
 
         states = [x] if return_all_hiddens else []
         text_len = src_tokens.size(1)
-        batch, heads, total = abs_bias.shape[:3]
         for idx, layer in enumerate(self.layers):
             bias = abs_bias.clone()
             bias[:, :, -text_len:, -text_len:] += self.token_relative_bias(text_len, idx).unsqueeze(0)
             if num_patches:
                 bias[:, :, :num_patches, :num_patches] += self.image_relative_bias(image_position_ids_, idx)
-            x = layer(x, padding_mask if has_pads else None, bias.view(batch * heads, total, total))
+            x = layer(x, padding_mask if has_pads else None, bias)
             if return_all_hiddens:
                 states.append(x)
         if self.layer_norm is not None:

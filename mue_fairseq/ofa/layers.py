@@ -79,7 +79,7 @@ class OFAEncoderLayer(_FeedForwardMixin, nn.Module):
     def forward(
         self, x: Tensor, encoder_padding_mask: Optional[Tensor], self_attn_bias: Optional[Tensor] = None
     ) -> Tensor:
-        """x: T x B x C; self_attn_bias: B*H x T x T."""
+        """x: T x B x C; self_attn_bias: B*H x T x T or broadcastable 1|B x H x T x T."""
         return self.feed_forward(self.self_attention_block(x, encoder_padding_mask, self_attn_bias))
 
 
