@@ -19,6 +19,16 @@ class OFAEnsembleModel(EnsembleModel):
         super().__init__(models)
         self.constraint_trie = constraint_trie
         self.prefix_tokens: Optional[Tensor] = None
+        # What the last generate() left behind, for exit statistics.
+        self.encoder_exit_layers: Optional[Tensor] = None
+        self.incremental_states: Optional[List[Dict]] = None
+
+    @torch.jit.unused
+    def forward_encoder(self, net_input: Dict[str, Tensor]):
+        encoder_outs = super().forward_encoder(net_input)
+        exits = encoder_outs[0].get("exit_layers") if encoder_outs else None
+        self.encoder_exit_layers = exits[0] if exits else None
+        return encoder_outs
 
     def _allowed_mask(self, tokens: Tensor, logits: Tensor) -> Tensor:
         """(rows x V) mask of the tokens the trie allows after each row's generated prefix."""
@@ -44,6 +54,7 @@ class OFAEnsembleModel(EnsembleModel):
         incremental_states: List[Dict[str, Dict[str, Optional[Tensor]]]],
         temperature: float = 1.0,
     ):
+        self.incremental_states = incremental_states
         log_probs, avg_attn = [], None
         for i, model in enumerate(self.models):
             decoder_out = model.decoder.forward(
@@ -84,7 +95,45 @@ class OFASequenceGenerator(SequenceGenerator):
         bos_token: Optional[int] = None,
     ):
         self.model.prefix_tokens = prefix_tokens
-        return super()._generate(
+        for model in self.model.models:
+            if getattr(model.decoder, "supports_exits", False):
+                # The decoder's threshold schedule decays over the step budget N = max_len + 1.
+                model.decoder.begin_decoding(self._max_len(sample) + 1)
+        finalized = super()._generate(
             sample, prefix_tokens=prefix_tokens, constraints=constraints,
             bos_token=self.bos if bos_token is None else bos_token,
         )
+        encoder_exits = self.model.encoder_exit_layers
+        if encoder_exits is not None:
+            for sentence, hypos in enumerate(finalized):
+                for hypo in hypos:
+                    hypo["encoder_exit_layers"] = encoder_exits[sentence]
+        return finalized
+
+    def _max_len(self, sample) -> int:
+        """The step budget fairseq's beam search computes for this batch."""
+        src_tokens = sample["net_input"]["src_tokens"]
+        if self.match_source_len:
+            return int(src_tokens.ne(self.eos).logical_and(src_tokens.ne(self.pad)).sum(1).max())
+        return min(int(self.max_len_a * src_tokens.size(1) + self.max_len_b), self.max_len - 1)
+
+    def finalize_hypos(self, step, bbsz_idx, eos_scores, tokens, scores, finalized, finished, beam_size,
+                       attn, src_lengths, max_len):
+        """fairseq's bookkeeping, plus each finished hypothesis's decoder exit layers per token."""
+        record = None
+        if self.model.models_size == 1 and getattr(self.model.single_model.decoder, "supports_exits", False):
+            record = self.model.single_model.decoder.exit_record(self.model.incremental_states[0])
+        # Batch row r belongs to the (r // beam)-th unfinished sentence, as in fairseq.
+        active = [sentence for sentence, done in enumerate(finished) if not done]
+        counts = [len(hypos) for hypos in finalized]
+        newly_finished = super().finalize_hypos(
+            step, bbsz_idx, eos_scores, tokens, scores, finalized, finished, beam_size, attn, src_lengths, max_len
+        )
+        if record is not None:
+            # Replay fairseq's appends (in bbsz_idx order, up to beam_size per sentence).
+            for row in bbsz_idx.tolist():
+                sentence = active[row // beam_size]
+                if counts[sentence] < beam_size:
+                    finalized[sentence][counts[sentence]]["exit_layers"] = record[row, : step + 1]
+                    counts[sentence] += 1
+        return newly_finished

@@ -1,0 +1,152 @@
+"""MuE options: where and how the encoder streams and decoder tokens may stop early."""
+import argparse
+from dataclasses import dataclass, field, fields
+from typing import Optional
+
+from fairseq.dataclass import ChoiceEnum, FairseqDataclass
+
+ENCODER_MODES = ChoiceEnum(["decomposed", "joint"])
+EXIT_POLICIES = ChoiceEnum(["similarity", "static", "entropy", "patience", "confidence"])
+KV_POLICIES = ChoiceEnum(["propagate", "copy", "recompute", "none"])
+
+
+@dataclass
+class MuEConfig(FairseqDataclass):
+    mue_encoder_mode: ENCODER_MODES = field(
+        default="decomposed",
+        metadata={"help": "decomposed: image and text run through the shared encoder layers as two "
+                  "streams (image<->image, text<->text attention) that stop independently (MuE); "
+                  "joint: OFA's single fused stream"},
+    )
+    mue_exit_policy: EXIT_POLICIES = field(
+        default="similarity",
+        metadata={"help": "similarity: MuE's cosine similarity between consecutive layers; static: "
+                  "fixed depths (--mue-static-*-layers); entropy (DeeBERT), patience (PABEE) and "
+                  "confidence (CALM) decide decoder exits from each layer's prediction, with the "
+                  "encoder at static depth"},
+    )
+    mue_image_threshold: float = field(
+        default=1.0, metadata={"help": "image stream stops after layer i when cos(h_i, h_{i-1}) >= this; 1 disables"}
+    )
+    mue_text_threshold: float = field(
+        default=1.0, metadata={"help": "text stream stops after layer i when cos(h_i, h_{i-1}) >= this; 1 disables"}
+    )
+    mue_decoder_threshold: float = field(
+        default=1.0,
+        metadata={"help": "theta of the decoder schedule Theta(t) = beta*theta + (1-beta)*exp(-tau*t/N); "
+                  "a token stops when its layer similarity >= Theta(t); 1 disables decoder exits"},
+    )
+    mue_decoder_beta: float = field(default=0.9, metadata={"help": "beta of the decoder threshold schedule"})
+    mue_decoder_tau: float = field(default=1.0, metadata={"help": "tau (decay rate) of the decoder threshold schedule"})
+    mue_full_depth_steps: float = field(
+        default=0.0,
+        metadata={"help": "first decoding steps kept at full depth: a count (>= 1) or a fraction of the "
+                  "step budget (< 1); 0 as in the paper, 0.34 like the authors' code (first third)"},
+    )
+    mue_kv_policy: KV_POLICIES = field(
+        default="propagate",
+        metadata={"help": "keys/values that skipped decoder layers store for later tokens: propagate "
+                  "(each skipped layer projects the exit state), copy (the exit layer's key/value), "
+                  "recompute (skipped layers still run for the cache; saves no decoder time), none "
+                  "(nothing is stored: the authors' behaviour, masked holes with per-row exits)"},
+    )
+    mue_batch_joint_exit: bool = field(
+        default=False,
+        metadata={"help": "reproduce the authors' code: one decision per batch from the cosine of the "
+                  "flattened batch (with pads). For comparison only; results depend on batch size"},
+    )
+    mue_drop_image_rel_bias: bool = field(
+        default=False,
+        metadata={"help": "reproduce the authors' code, which discards the image stream's relative "
+                  "position bias in the decomposed encoder"},
+    )
+    mue_static_image_layers: int = field(
+        default=0, metadata={"help": "static depth of the image stream (0 = all layers)"}
+    )
+    mue_static_text_layers: int = field(default=0, metadata={"help": "static depth of the text stream (0 = all layers)"})
+    mue_static_decoder_layers: int = field(
+        default=0, metadata={"help": "static decoder depth for every token (0 = all layers)"}
+    )
+    mue_entropy_threshold: float = field(
+        default=0.0, metadata={"help": "entropy policy: a token stops when its prediction entropy (nats) <= this"}
+    )
+    mue_confidence_threshold: float = field(
+        default=1.0, metadata={"help": "confidence policy: a token stops when its top probability >= this"}
+    )
+    mue_patience: int = field(
+        default=0, metadata={"help": "patience policy: a token stops when this many consecutive layers agree on "
+                             "the argmax (0 disables)"}
+    )
+
+    def __post_init__(self):
+        for name in ("mue_image_threshold", "mue_text_threshold", "mue_decoder_threshold",
+                     "mue_decoder_beta", "mue_confidence_threshold"):
+            value = getattr(self, name)
+            if not 0.0 <= float(value) <= 1.0:
+                raise ValueError(f"--{name.replace('_', '-')} must be in [0, 1], got {value}")
+        for name in ("mue_decoder_tau", "mue_full_depth_steps", "mue_entropy_threshold"):
+            if float(getattr(self, name)) < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        for name in ("mue_static_image_layers", "mue_static_text_layers", "mue_static_decoder_layers", "mue_patience"):
+            if int(getattr(self, name)) < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        for name, choices in (("mue_encoder_mode", ENCODER_MODES), ("mue_exit_policy", EXIT_POLICIES),
+                              ("mue_kv_policy", KV_POLICIES)):
+            allowed = [str(choice) for choice in choices]
+            if str(getattr(self, name)) not in allowed:
+                raise ValueError(f"--{name.replace('_', '-')} must be one of {allowed}, got {getattr(self, name)!r}")
+
+    @classmethod
+    def from_namespace(cls, args: argparse.Namespace) -> "MuEConfig":
+        """Read the MuE options from a (legacy) model Namespace, defaults where absent."""
+        values = {}
+        for f in fields(cls):
+            value = getattr(args, f.name, None)
+            if value is not None:
+                values[f.name] = str(value) if f.name in ("mue_encoder_mode", "mue_exit_policy", "mue_kv_policy") else value
+        return cls(**values)
+
+    # -- derived switches, read on the hot path ---------------------------------------
+    @property
+    def decomposed(self) -> bool:
+        return str(self.mue_encoder_mode) == "decomposed"
+
+    @property
+    def policy(self) -> str:
+        return str(self.mue_exit_policy)
+
+    @property
+    def kv_policy(self) -> str:
+        return str(self.mue_kv_policy)
+
+    def encoder_exits_enabled(self) -> bool:
+        if self.policy == "similarity":
+            return self.mue_image_threshold < 1 or self.mue_text_threshold < 1
+        return self.mue_static_image_layers > 0 or self.mue_static_text_layers > 0
+
+    def decoder_exits_enabled(self) -> bool:
+        return {
+            "similarity": self.mue_decoder_threshold < 1,
+            "static": self.mue_static_decoder_layers > 0,
+            "entropy": self.mue_entropy_threshold > 0,
+            "confidence": self.mue_confidence_threshold < 1,
+            "patience": self.mue_patience > 0,
+        }[self.policy]
+
+    def full_depth_steps(self, num_steps: int) -> int:
+        """Number of leading decoding steps that run at full depth, given the step budget."""
+        value = float(self.mue_full_depth_steps)
+        return int(value) if value >= 1 else int(value * num_steps)
+
+
+def mue_overrides(**options) -> dict:
+    """`--model-overrides` that turn any OFA checkpoint into an `mue_ofa` model with these options.
+
+    Example: mue_overrides(mue_image_threshold=0.9, mue_decoder_threshold=0.9).
+    """
+    known = {f.name for f in fields(MuEConfig)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ValueError(f"unknown MuE options {unknown}; known: {sorted(known)}")
+    MuEConfig(**options)  # validate now rather than at model build
+    return {"_name": "mue_ofa", "arch": "mue_ofa", **options}

@@ -1,0 +1,101 @@
+"""Exit decisions for encoder streams and decoder tokens.
+
+MuE decides from the similarity of consecutive layer states; the baselines of the paper's
+comparison decide from fixed depths (static), or from each layer's own prediction through the
+shared output head: entropy (DeeBERT), softmax confidence (CALM) and patience (PABEE).
+"""
+import math
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+from .config import MuEConfig
+from .schedule import decoder_threshold
+from .similarity import batch_cosine, stream_cosine
+
+
+class StreamExitDecider:
+    """Decides, after each encoder layer, which samples of one stream (image or text) stop."""
+
+    def __init__(self, cfg: MuEConfig, threshold: float, static_layers: int, num_layers: int):
+        self.num_layers = num_layers
+        self.batch_joint = cfg.mue_batch_joint_exit
+        if cfg.policy == "similarity":
+            self.threshold = threshold if threshold < 1 else None
+            self.static_layers = 0
+        else:
+            self.threshold = None
+            self.static_layers = static_layers if 0 < static_layers < num_layers else 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.threshold is not None or self.static_layers > 0
+
+    def __call__(self, layer_idx: int, new: Tensor, old: Tensor, padding: Optional[Tensor]) -> Tensor:
+        """Bool (B,) over the samples of `new` (T x B x C): stop after layer `layer_idx` (0-based)."""
+        batch = new.size(1)
+        if self.static_layers:
+            return torch.full((batch,), layer_idx + 1 >= self.static_layers, dtype=torch.bool, device=new.device)
+        if self.batch_joint:
+            return (batch_cosine(new, old) >= self.threshold).expand(batch)
+        return stream_cosine(new, old, padding) >= self.threshold
+
+
+class TokenExitDecider:
+    """Decides, after each decoder layer, which rows (hypotheses) stop at the current step.
+
+    `predict(h)` maps states (A x C) to logits (A x V) through the shared final norm and output
+    projection; only the prediction-based policies call it (it is what makes them costly).
+    """
+
+    def __init__(self, cfg: MuEConfig, num_layers: int, predict: Callable[[Tensor], Tensor]):
+        self.cfg = cfg
+        self.num_layers = num_layers
+        self.predict = predict
+        self.threshold: Optional[float] = None
+        self._previous_argmax: Optional[Tensor] = None
+        self._agreements: Optional[Tensor] = None
+
+    def begin_step(self, num_rows: int, step: int, num_steps: int, device) -> bool:
+        """Prepare the decisions of decoding step `step`; False when no row may exit at this step."""
+        cfg = self.cfg
+        if not cfg.decoder_exits_enabled() or step < cfg.full_depth_steps(num_steps):
+            return False
+        if cfg.policy == "similarity":
+            self.threshold = decoder_threshold(
+                cfg.mue_decoder_threshold, cfg.mue_decoder_beta, cfg.mue_decoder_tau, step, num_steps
+            )
+        if cfg.policy == "patience":
+            self._previous_argmax = torch.full((num_rows,), -1, dtype=torch.long, device=device)
+            self._agreements = torch.zeros(num_rows, dtype=torch.long, device=device)
+        return True
+
+    def __call__(self, layer_idx: int, new: Tensor, old: Tensor, rows: Tensor) -> Tensor:
+        """Bool (A,) for the rows `rows` whose states after layer `layer_idx` are `new` (A x C)."""
+        policy = self.cfg.policy
+        if policy == "static":
+            return torch.full((new.size(0),), layer_idx + 1 >= self.cfg.mue_static_decoder_layers,
+                              dtype=torch.bool, device=new.device)
+        if policy == "similarity":
+            if self.cfg.mue_batch_joint_exit:
+                return (batch_cosine(new, old) >= self.threshold).expand(new.size(0))
+            return stream_cosine(new.unsqueeze(0), old.unsqueeze(0)) >= self.threshold
+        logits = self.predict(new).float()
+        if policy == "entropy":
+            log_probs = torch.log_softmax(logits, dim=-1)
+            entropy = -(log_probs.exp() * log_probs).sum(-1)
+            return entropy <= self.cfg.mue_entropy_threshold
+        if policy == "confidence":
+            return torch.softmax(logits, dim=-1).max(dim=-1).values >= self.cfg.mue_confidence_threshold
+        # patience: consecutive layers whose argmax agrees
+        argmax = logits.argmax(dim=-1)
+        agree = argmax.eq(self._previous_argmax[rows])
+        self._agreements[rows] = torch.where(agree, self._agreements[rows] + 1, torch.zeros_like(argmax))
+        self._previous_argmax[rows] = argmax
+        return self._agreements[rows] >= self.cfg.mue_patience
+
+
+def max_entropy(vocab_size: int) -> float:
+    """Entropy of the uniform distribution, an upper bound for --mue-entropy-threshold sweeps."""
+    return math.log(vocab_size)

@@ -1,0 +1,318 @@
+"""MuE decoder: every token of every hypothesis stops at its own depth.
+
+While decoding, each step runs the layers over the rows (hypotheses) that are still going;
+a row stops after layer i when its exit test passes (similarity with the decaying threshold
+Theta(t), or a baseline policy), and its logits come from the shared final norm and output
+projection. The self-attention cache of every layer still gets exactly one entry per step for
+every row, as the KV policy says:
+
+* propagate: each skipped layer projects its own key/value from the exit state;
+* copy: the exit layer's key/value for that position;
+* recompute: the skipped layers still run on the row (exact cache, no decoder saving);
+* none: nothing real is stored; per-row exits store a masked hole, and the authors'
+  batch-level mode (`--mue-batch-joint-exit`) stores nothing at all, as their code did.
+
+Cross-attention keys/values stay each layer's own (computed for all rows on first use).
+The layers run per step, per row, are recorded in the incremental state ("exit_layers",
+rows x steps) and follow beam reordering.
+"""
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from mue_fairseq.exits.config import MuEConfig
+from mue_fairseq.exits.policies import TokenExitDecider
+from mue_fairseq.exits.similarity import group_cosine
+from mue_fairseq.ofa.attention import IncrementalState
+from mue_fairseq.ofa.decoder import OFADecoder
+from mue_fairseq.ofa.encoder import EncoderOut
+
+
+class MuEDecoder(OFADecoder):
+    supports_exits = True
+
+    def __init__(self, args, dictionary, embed_tokens, mue: MuEConfig):
+        super().__init__(args, dictionary, embed_tokens)
+        self.mue = mue
+        self.num_decoding_steps: int = args.max_target_positions
+
+    # ----------------------------------------------------------------- public hooks
+    def begin_decoding(self, num_steps: int) -> None:
+        """Called by the generator: the step budget N of the threshold schedule (max_len + 1)."""
+        self.num_decoding_steps = num_steps
+
+    def exit_record(self, incremental_state: IncrementalState) -> Optional[Tensor]:
+        """Layers run per (row, step) so far, or None before the first step."""
+        return self.get_incremental_state(incremental_state, "exit_layers")
+
+    def predict(self, states: Tensor) -> Tensor:
+        """Logits of pre-norm decoder states through the shared final norm and output head."""
+        if self.layer_norm is not None:
+            states = self.layer_norm(states)
+        return self.output_layer(states)
+
+    def reorder_incremental_state(self, incremental_state: IncrementalState, new_order: Tensor):
+        super().reorder_incremental_state(incremental_state, new_order)
+        record = self.exit_record(incremental_state)
+        if record is not None:
+            self.set_incremental_state(incremental_state, "exit_layers", record.index_select(0, new_order))
+
+    # ----------------------------------------------------------------- forward
+    def extract_features(
+        self,
+        prev_output_tokens: Tensor,
+        code_masks: Optional[Tensor] = None,
+        encoder_out: Optional[EncoderOut] = None,
+        incremental_state: Optional[IncrementalState] = None,
+        full_context_alignment: bool = False,
+        alignment_layer: Optional[int] = None,
+        alignment_heads: Optional[int] = None,
+        exit_groups: Optional[Tensor] = None,
+    ):
+        if incremental_state is not None and not self.training:
+            return self._decode_step(prev_output_tokens, encoder_out, incremental_state)
+        if not self.training and self.mue.decoder_exits_enabled():
+            return self._teacher_forced_with_exits(prev_output_tokens, encoder_out, exit_groups)
+        return super().extract_features(
+            prev_output_tokens, code_masks, encoder_out, incremental_state,
+            full_context_alignment, alignment_layer, alignment_heads,
+        )
+
+    def forward(self, prev_output_tokens, code_masks=None, encoder_out=None, incremental_state=None,
+                features_only=False, full_context_alignment=False, alignment_layer=None,
+                alignment_heads=None, src_lengths=None, return_all_hiddens=False, exit_groups=None):
+        """OFA's decoder call; `exit_groups` (rows,) makes rows sharing an id exit together in
+        teacher-forced evaluation (the SNLI-VE candidates of one sample)."""
+        if code_masks is not None and bool(code_masks.any()):
+            raise NotImplementedError("image-code generation (code_masks) is not supported by mue-fairseq")
+        x, extra = self.extract_features(
+            prev_output_tokens, encoder_out=encoder_out, incremental_state=incremental_state,
+            full_context_alignment=full_context_alignment, alignment_layer=alignment_layer,
+            alignment_heads=alignment_heads, exit_groups=exit_groups,
+        )
+        if not features_only:
+            x = self.output_layer(x)
+        return x, extra
+
+    # ----------------------------------------------------------------- incremental decoding
+    def _cross_kv(self, layer, enc: Tensor, incremental_state: IncrementalState) -> Dict[str, Tensor]:
+        """The layer's static encoder keys/values for all rows, computed on first use."""
+        attn = layer.encoder_attn
+        buffer = attn._get_input_buffer(incremental_state)
+        if "prev_key" not in buffer:
+            buffer["prev_key"], buffer["prev_value"] = attn.project_key_value(enc)
+            attn._set_input_buffer(incremental_state, buffer)
+        return buffer
+
+    def _decode_step(self, tokens: Tensor, encoder_out: EncoderOut, incremental_state: IncrementalState):
+        """One incremental step with per-row exits; returns ((R x 1 x C) features, extra)."""
+        cfg = self.mue
+        rows_total, tgt_len = tokens.shape
+        step = tgt_len - 1
+        device = tokens.device
+        enc = encoder_out["encoder_out"][0]
+        enc_padding = encoder_out["encoder_padding_mask"][0] if encoder_out["encoder_padding_mask"] else None
+        raw_positions = self.embed_positions(torch.arange(tgt_len, device=device))
+        tgt_pos = self.pos_ln(raw_positions)
+        self_bias = self.self_position_bias(tgt_pos, step)  # 1 x H x 1 x T
+        cross_bias = self.cross_position_bias(tgt_pos, encoder_out, incremental_state, step)  # R x H x 1 x S
+        x = self.embed_target(tokens[:, -1:], raw_positions[-1:]).transpose(0, 1)  # 1 x R x C
+
+        decider = TokenExitDecider(cfg, self.num_layers, self.predict)
+        may_exit = decider.begin_step(rows_total, step, self.num_decoding_steps, device)
+        recompute = cfg.kv_policy == "recompute"
+        exit_layers = torch.full((rows_total,), self.num_layers, dtype=torch.long, device=device)
+        exited = torch.zeros(rows_total, dtype=torch.bool, device=device)
+        final: Optional[Tensor] = None  # 1 x R x C, allocated at the first exit
+        computing = torch.arange(rows_total, device=device)  # rows that run the next layer, sorted
+        stopped = computing[:0]  # rows that left the computation at this step, with:
+        stopped_states = x[:, :0]  # their exit states (propagate)
+        stopped_kv = (x.new_zeros(0), x.new_zeros(0))  # their exit layer's key/value (copy)
+        h = x
+        for idx, layer in enumerate(self.layers):
+            sa = layer.self_attn
+            normed = k_new = v_new = None
+            if computing.numel():
+                normed = layer.self_attn_layer_norm(h) if layer.normalize_before else h
+                k_new, v_new = sa.project_key_value(normed)  # A x H x 1 x d
+            column = self._cache_column(layer, rows_total, computing, k_new, v_new, stopped, stopped_states, stopped_kv)
+            buffer = sa._get_input_buffer(incremental_state)
+            if column is not None:
+                self._append_to_cache(sa, incremental_state, buffer, *column)
+            if computing.numel() == 0:
+                continue
+            all_rows = computing.numel() == rows_total
+            cache_k, cache_v = buffer["prev_key"], buffer["prev_value"]
+            cache_pad = buffer.get("prev_key_padding_mask")
+            if not all_rows:
+                cache_k, cache_v = cache_k.index_select(0, computing), cache_v.index_select(0, computing)
+                cache_pad = cache_pad.index_select(0, computing) if cache_pad is not None else None
+            q = sa.split_heads(sa.q_proj(normed) * sa.scaling)
+            self_bias_layer = self_bias + self.token_relative_bias(tgt_len, idx)[:, step:].unsqueeze(0)
+            state, _ = layer._residual_block(
+                h, layer.self_attn_layer_norm, layer.self_attn_ln,
+                lambda _: sa.attend(q, cache_k.flatten(0, 1), cache_v.flatten(0, 1),
+                                    key_padding_mask=cache_pad, attn_bias=self_bias_layer),
+            )
+            cross = self._cross_kv(layer, enc, incremental_state)
+            cross_k, cross_v, cross_pad, cross_bias_rows = cross["prev_key"], cross["prev_value"], enc_padding, cross_bias
+            if not all_rows:
+                cross_k, cross_v = cross_k.index_select(0, computing), cross_v.index_select(0, computing)
+                cross_pad = cross_pad.index_select(0, computing) if cross_pad is not None else None
+                cross_bias_rows = cross_bias.index_select(0, computing)
+            ea = layer.encoder_attn
+            state, _ = layer._residual_block(
+                state, layer.encoder_attn_layer_norm, layer.cross_attn_ln,
+                lambda q_in: ea.attend(ea.split_heads(ea.q_proj(q_in) * ea.scaling), cross_k.flatten(0, 1),
+                                       cross_v.flatten(0, 1), key_padding_mask=cross_pad, attn_bias=cross_bias_rows),
+            )
+            state = layer.feed_forward(state)
+
+            if may_exit and idx < self.num_layers - 1:
+                # With recompute every row keeps computing; only rows still predicting decide.
+                live = (~exited).nonzero().squeeze(1) if recompute else None
+                candidates = state if live is None else state.index_select(1, live)
+                previous = h if live is None else h.index_select(1, live)
+                rows = computing if live is None else live
+                done = decider(idx, candidates[0], previous[0], rows) if rows.numel() else None
+                if done is not None and bool(done.any()):
+                    leaving = done.nonzero().squeeze(1)
+                    leaving_rows = rows[leaving]
+                    if final is None:
+                        final = x.new_zeros(1, rows_total, x.size(2))
+                    final[:, leaving_rows] = candidates.index_select(1, leaving)
+                    exit_layers[leaving_rows] = idx + 1
+                    exited[leaving_rows] = True
+                    if not recompute:
+                        staying = (~done).nonzero().squeeze(1)
+                        stopped = torch.cat([stopped, leaving_rows])
+                        stopped_states = torch.cat([stopped_states, state.index_select(1, leaving)], dim=1)
+                        stopped_kv = (torch.cat([stopped_kv[0], k_new[leaving]]), torch.cat([stopped_kv[1], v_new[leaving]]))
+                        computing, state = computing[staying], state.index_select(1, staying)
+            h = state
+        if final is None:
+            final = h
+        elif recompute:
+            final[:, ~exited] = h[:, ~exited]
+        elif computing.numel():
+            final[:, computing] = h
+        self._record_exits(incremental_state, exit_layers)
+        if self.layer_norm is not None:
+            final = self.layer_norm(final)
+        return final.transpose(0, 1), {"attn": [None], "inner_states": [x], "exit_layers": [exit_layers]}
+
+    def _cache_column(self, layer, rows_total, computing, k_new, v_new, stopped, stopped_states, stopped_kv):
+        """This step's self-attention cache entry of `layer` for every row: (k, v, pad) or None.
+
+        Rows still computing contribute their own key/value; rows that stopped earlier in the
+        step contribute what the KV policy says.
+        """
+        policy = self.mue.kv_policy
+        if stopped.numel() == 0:
+            return k_new, v_new, None
+        if policy == "none" and self.mue.mue_batch_joint_exit:
+            return None  # the authors' code: skipped layers keep no entry (a hole)
+        shape = (rows_total,) + tuple(stopped_kv[0].shape[1:] if k_new is None else k_new.shape[1:])
+        column_k = stopped_states.new_zeros(shape)
+        column_v = torch.zeros_like(column_k)
+        if k_new is not None:
+            column_k[computing], column_v[computing] = k_new, v_new
+        column_pad = None
+        if policy == "propagate":
+            normed = layer.self_attn_layer_norm(stopped_states) if layer.normalize_before else stopped_states
+            column_k[stopped], column_v[stopped] = layer.self_attn.project_key_value(normed)
+        elif policy == "copy":
+            column_k[stopped], column_v[stopped] = stopped_kv
+        else:  # none, per row: a masked hole keeps every row's cache aligned with its positions
+            column_pad = torch.zeros(rows_total, 1, dtype=torch.bool, device=column_k.device)
+            column_pad[stopped] = True
+        return column_k, column_v, column_pad
+
+    @staticmethod
+    def _append_to_cache(sa, incremental_state, buffer, column_k, column_v, column_pad):
+        rows_total = column_k.size(0)
+        previous_pad = buffer.get("prev_key_padding_mask")
+        if "prev_key" in buffer:
+            buffer["prev_key"] = torch.cat([buffer["prev_key"], column_k], dim=2)
+            buffer["prev_value"] = torch.cat([buffer["prev_value"], column_v], dim=2)
+        else:
+            buffer["prev_key"], buffer["prev_value"] = column_k, column_v
+        if column_pad is not None or previous_pad is not None:
+            cached = buffer["prev_key"].size(2)
+            if previous_pad is None:
+                previous_pad = torch.zeros(rows_total, cached - 1, dtype=torch.bool, device=column_k.device)
+            if column_pad is None:
+                column_pad = torch.zeros(rows_total, 1, dtype=torch.bool, device=column_k.device)
+            buffer["prev_key_padding_mask"] = torch.cat([previous_pad, column_pad], dim=1)
+        sa._set_input_buffer(incremental_state, buffer)
+
+    def _record_exits(self, incremental_state: IncrementalState, exit_layers: Tensor) -> None:
+        record = self.exit_record(incremental_state)
+        column = exit_layers.unsqueeze(1)
+        record = column if record is None else torch.cat([record, column], dim=1)
+        self.set_incremental_state(incremental_state, "exit_layers", record)
+
+    # ----------------------------------------------------------------- teacher-forced evaluation
+    def _teacher_forced_with_exits(self, tokens: Tensor, encoder_out: EncoderOut, exit_groups: Optional[Tensor]):
+        """Full-sequence pass where each group of rows (default: each row) stops at its own layer.
+
+        Only the similarity and static policies apply here; a group's decision uses the cosine
+        of all its rows' non-pad states flattened together, with the fixed threshold theta
+        (there is no decoding step to decay over).
+        """
+        cfg = self.mue
+        if cfg.policy not in ("similarity", "static"):
+            raise NotImplementedError(f"--mue-exit-policy {cfg.policy} applies to generation, not to scoring")
+        rows_total, tgt_len = tokens.shape
+        device = tokens.device
+        groups = exit_groups if exit_groups is not None else torch.arange(rows_total, device=device)
+        _, groups = torch.unique(groups, return_inverse=True)
+        num_groups = int(groups.max()) + 1
+        enc = encoder_out["encoder_out"][0]
+        enc_padding = encoder_out["encoder_padding_mask"][0] if encoder_out["encoder_padding_mask"] else None
+        raw_positions = self.embed_positions(torch.arange(tgt_len, device=device))
+        tgt_pos = self.pos_ln(raw_positions)
+        self_bias = self.self_position_bias(tgt_pos)
+        cross_bias = self.cross_position_bias(tgt_pos, encoder_out, None)
+        x = self.embed_target(tokens, raw_positions).transpose(0, 1)
+        padding = tokens.eq(self.padding_idx)
+        causal = self.buffered_future_mask(x)
+
+        exit_layers = torch.full((rows_total,), self.num_layers, dtype=torch.long, device=device)
+        out = x.clone()
+        going = torch.arange(rows_total, device=device)
+        h = x
+        for idx, layer in enumerate(self.layers):
+            pad = padding.index_select(0, going)
+            state, _, _ = layer(
+                h, enc.index_select(1, going),
+                enc_padding.index_select(0, going) if enc_padding is not None else None,
+                self_attn_mask=causal,
+                self_attn_padding_mask=pad if bool(pad.any()) else None,
+                self_attn_bias=self_bias + self.token_relative_bias(tgt_len, idx).unsqueeze(0),
+                cross_attn_bias=cross_bias.index_select(0, going),
+            )
+            if idx == self.num_layers - 1:
+                h = state
+                break
+            if cfg.policy == "static":
+                group_done = torch.full((num_groups,), 0 < cfg.mue_static_decoder_layers <= idx + 1, device=device)
+            else:
+                sims = group_cosine(state, h, pad, groups[going], num_groups)
+                group_done = sims >= cfg.mue_decoder_threshold
+            done = group_done[groups[going]]
+            if bool(done.any()):
+                leaving, staying = done.nonzero().squeeze(1), (~done).nonzero().squeeze(1)
+                out[:, going[leaving]] = state.index_select(1, leaving)
+                exit_layers[going[leaving]] = idx + 1
+                going, h = going[staying], state.index_select(1, staying)
+                if going.numel() == 0:
+                    break
+            else:
+                h = state
+        if going.numel():
+            out[:, going] = h
+        if self.layer_norm is not None:
+            out = self.layer_norm(out)
+        return out.transpose(0, 1), {"attn": [None], "inner_states": [x], "exit_layers": [exit_layers]}
