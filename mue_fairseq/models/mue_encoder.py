@@ -156,12 +156,16 @@ class MuEEncoder(OFAEncoder):
         }
 
 
-def image_text_similarity_trace(encoder: MuEEncoder, *args, **kwargs) -> List[Tensor]:
-    """Per-layer (image, text) cosines of each sample at full depth (B x L x 2), for calibration plots."""
-    out = encoder(*args, return_all_hiddens=True, **kwargs)
+def image_text_similarity_trace(encoder: MuEEncoder, src_tokens: Tensor, patch_images: Tensor,
+                                patch_masks: Optional[Tensor] = None, **unused) -> Tensor:
+    """(B x L x 2) cosine of each layer with its input, image and text stream, at full depth.
+
+    What the exit thresholds are compared with; used for calibration and plots.
+    """
+    out = encoder(src_tokens, patch_images=patch_images, patch_masks=patch_masks, return_all_hiddens=True)
     padding = out["encoder_padding_mask"][0]
     states = out["encoder_states"]
-    num_patches = padding.size(1) - kwargs.get("src_tokens", args[0]).size(1)
+    num_patches = padding.size(1) - src_tokens.size(1)
     traces = []
     for old, new in zip(states[:-1], states[1:]):
         image = stream_cosine(new[:num_patches], old[:num_patches], padding[:, :num_patches])
