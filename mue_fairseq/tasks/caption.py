@@ -1,0 +1,198 @@
+"""Task ``caption``: OFA image captioning, validated by generation (CIDEr-D, BLEU-4).
+
+Validation generates a caption per image with ``--eval-args`` (decoding starts
+from bos), strips punctuation from hypotheses and references (the ``&&``-joined
+targets of non-train rows) and logs ``_cider_score_sum``/``_cider_cnt`` and
+sacrebleu's counts, reduced to ``cider`` and ``bleu`` as OFA does.
+"""
+
+import json
+import logging
+from argparse import Namespace
+from dataclasses import dataclass, field
+from itertools import zip_longest
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+from fairseq import metrics, utils
+from fairseq.tasks import register_task
+
+from mue_fairseq.data.caption_dataset import REFERENCE_SEPARATOR, CaptionDataset, strip_punctuation
+from mue_fairseq.data.ofa_bpe import decode_tokens
+from mue_fairseq.tasks.ofa_task import OFAConfig, OFATask, ratio_of_meters, sum_logs
+
+logger = logging.getLogger(__name__)
+
+EVAL_BLEU_ORDER = 4
+
+
+@dataclass
+class CaptionConfig(OFAConfig):
+    eval_bleu: bool = field(default=False, metadata={"help": "evaluation with BLEU scores"})
+    eval_cider: bool = field(default=False, metadata={"help": "evaluation with CIDEr scores"})
+    eval_args: Optional[str] = field(
+        default="{}",
+        metadata={"help": 'generation args for BLEU or CIDEr scoring, e.g., \'{"beam": 4, "lenpen": 0.6}\', as JSON string'},
+    )
+    eval_print_samples: bool = field(default=False, metadata={"help": "print sample generations during validation"})
+    eval_cider_cached_tokens: Optional[str] = field(
+        default=None, metadata={"help": "path to cached document frequencies used to calculate CIDEr scores"}
+    )
+    scst: bool = field(default=False, metadata={"help": "Self-critical sequence training"})
+    scst_args: str = field(
+        default="{}", metadata={"help": "generation args for Self-critical sequence training, as JSON string"}
+    )
+    # Options of earlier OFA versions, kept so their checkpoints load; only the defaults are supported.
+    eval_tokenized_bleu: bool = field(default=False, metadata={"help": "compute tokenized BLEU instead of sacrebleu"})
+    eval_detok: str = field(default="space", metadata={"help": "detokenizer for evaluation (only 'space')"})
+    eval_detok_args: Optional[str] = field(default="{}", metadata={"help": "unused (earlier OFA versions)"})
+    eval_remove_bpe: Optional[str] = field(default=None, metadata={"help": "unused (earlier OFA versions)"})
+    left_pad_source: bool = field(default=False, metadata={"help": "unsupported (earlier OFA versions)"})
+    left_pad_target: bool = field(default=False, metadata={"help": "unsupported (earlier OFA versions)"})
+    max_object_length: int = field(default=30, metadata={"help": "unused (earlier OFA versions)"})
+    add_object: bool = field(default=False, metadata={"help": "unsupported (earlier OFA versions)"})
+
+
+def _parse_json_option(name: str, value: Optional[str]) -> Dict:
+    try:
+        parsed = json.loads(value or "{}")
+    except json.JSONDecodeError as err:
+        raise ValueError(f"--{name.replace('_', '-')} is not valid JSON: {value!r} ({err})") from err
+    if not isinstance(parsed, dict):
+        raise ValueError(f"--{name.replace('_', '-')} must be a JSON object, got {value!r}")
+    return parsed
+
+
+@register_task("caption", dataclass=CaptionConfig)
+class CaptionTask(OFATask):
+    cfg: CaptionConfig
+
+    def __init__(self, cfg: CaptionConfig, src_dict, tgt_dict):
+        unsupported = [
+            f"--{name.replace('_', '-')}" for name in ("left_pad_source", "left_pad_target", "add_object")
+            if getattr(cfg, name, False)
+        ]
+        if unsupported:
+            raise ValueError(f"caption task: {', '.join(unsupported)} not supported")
+        if cfg.eval_detok not in (None, "space"):
+            raise ValueError(f"caption task: --eval-detok {cfg.eval_detok} not supported (only 'space')")
+        if cfg.eval_remove_bpe is not None:
+            raise ValueError("caption task: --eval-remove-bpe not supported (GPT-2 BPE is decoded directly)")
+        super().__init__(cfg, src_dict, tgt_dict)
+        self.eval_args = _parse_json_option("eval_args", cfg.eval_args)
+        self.scst_args = _parse_json_option("scst_args", cfg.scst_args)
+        self.sequence_generator = None
+        self.scst_generator = None
+        self.cider_scorer = None
+
+    def load_dataset(self, split: str, epoch: int = 1, combine: bool = False, **kwargs):
+        self.datasets[split] = CaptionDataset(
+            split,
+            self.open_tsv(split, epoch),
+            self.bpe,
+            self.src_dict,
+            self.tgt_dict,
+            max_tgt_length=self.cfg.max_tgt_length,
+            patch_image_size=self.cfg.patch_image_size,
+            imagenet_default_mean_and_std=self.cfg.imagenet_default_mean_and_std,
+            scst=self.cfg.scst,
+        )
+
+    def build_model(self, cfg, from_checkpoint=False):
+        model = super().build_model(cfg, from_checkpoint)
+        if self.cfg.eval_bleu or self.cfg.eval_cider:
+            self.sequence_generator = self.build_generator([model], Namespace(**self.eval_args))
+        if self.cfg.eval_cider:
+            from mue_fairseq.metrics.cider import CiderD
+
+            self.cider_scorer = CiderD(self.cfg.eval_cider_cached_tokens)
+        if self.cfg.scst:
+            self.scst_generator = self.build_generator([model], Namespace(**self.scst_args))
+        return model
+
+    # -------------------------------------------------------- validation
+    def decode(self, tokens, unk_string: str = "<unk>") -> str:
+        """Text of generated or target token ids."""
+        return decode_tokens(tokens, self.bpe, self.tgt_dict, unk_string=unk_string)
+
+    def inference_captions(self, generator, sample, model) -> Tuple[List[str], List[List[str]]]:
+        """Best hypothesis and references of each sample, without punctuation."""
+        gen_out = self.inference_step(generator, [model], sample)
+        hyps, refs = [], []
+        for i, hypos in enumerate(gen_out):
+            # Distinct unknown markers keep <unk> from matching between hypothesis and reference.
+            hyps.append(strip_punctuation(self.decode(hypos[0]["tokens"], "UNKNOWNTOKENINHYP")).strip())
+            target = utils.strip_pad(sample["target"][i], self.tgt_dict.pad())
+            references = self.decode(target, "UNKNOWNTOKENINREF").split(REFERENCE_SEPARATOR)
+            refs.append([strip_punctuation(ref).strip() for ref in references])
+        if self.cfg.eval_print_samples and hyps:
+            logger.info("example hypothesis: %s", hyps[0])
+            logger.info("example reference: %s", " && ".join(refs[0]))
+        return hyps, refs
+
+    def cider_scores(self, hyps: Sequence[str], refs: Sequence[Sequence[str]]) -> np.ndarray:
+        """Per-sample CIDEr-D of ``hyps`` against ``refs``."""
+        gts = {i: [ref.strip() for ref in sample_refs] for i, sample_refs in enumerate(refs)}
+        res = {i: [hyp.strip()] for i, hyp in enumerate(hyps)}
+        _, scores = self.cider_scorer.compute_score(gts, res)
+        return np.asarray(scores, dtype=np.float64)
+
+    def valid_step(self, sample, model, criterion):
+        loss, sample_size, logging_output = super().valid_step(sample, model, criterion)
+        if not (self.cfg.eval_bleu or self.cfg.eval_cider):
+            return loss, sample_size, logging_output
+        model.eval()
+        hyps, refs = self.inference_captions(self.sequence_generator, sample, model)
+        if self.cfg.eval_bleu:
+            logging_output.update(bleu_statistics(hyps, refs, tokenized=self.cfg.eval_tokenized_bleu))
+        if self.cfg.eval_cider:
+            scores = self.cider_scores(hyps, refs)
+            logging_output["_cider_score_sum"] = float(scores.sum())
+            logging_output["_cider_cnt"] = int(scores.size)
+        return loss, sample_size, logging_output
+
+    def reduce_metrics(self, logging_outputs, criterion):
+        super().reduce_metrics(logging_outputs, criterion)
+        if self.cfg.eval_bleu:
+            counts = [sum_logs(logging_outputs, f"_bleu_counts_{i}") for i in range(EVAL_BLEU_ORDER)]
+            totals = [sum_logs(logging_outputs, f"_bleu_totals_{i}") for i in range(EVAL_BLEU_ORDER)]
+            if max(totals) > 0:
+                metrics.log_scalar("_bleu_counts", np.array(counts))
+                metrics.log_scalar("_bleu_totals", np.array(totals))
+                metrics.log_scalar("_bleu_sys_len", sum_logs(logging_outputs, "_bleu_sys_len"))
+                metrics.log_scalar("_bleu_ref_len", sum_logs(logging_outputs, "_bleu_ref_len"))
+                metrics.log_derived("bleu", _derived_bleu)
+        if self.cfg.eval_cider and sum_logs(logging_outputs, "_cider_cnt") > 0:
+            metrics.log_scalar("_cider_score_sum", sum_logs(logging_outputs, "_cider_score_sum"))
+            metrics.log_scalar("_cider_cnt", sum_logs(logging_outputs, "_cider_cnt"))
+            metrics.log_derived("cider", _derived_cider)
+
+
+def bleu_statistics(hyps: Sequence[str], refs: Sequence[Sequence[str]], tokenized: bool = False) -> Dict[str, float]:
+    """sacrebleu's corpus statistics of ``hyps`` against per-sample reference lists, as logging entries."""
+    import sacrebleu
+
+    kwargs = {"tokenize": "none"} if tokenized else {}
+    bleu = sacrebleu.corpus_bleu(list(hyps), list(zip_longest(*refs)), **kwargs)
+    stats = {"_bleu_sys_len": bleu.sys_len, "_bleu_ref_len": bleu.ref_len}
+    for i in range(EVAL_BLEU_ORDER):
+        stats[f"_bleu_counts_{i}"] = bleu.counts[i]
+        stats[f"_bleu_totals_{i}"] = bleu.totals[i]
+    return stats
+
+
+def _derived_cider(meters) -> float:
+    return ratio_of_meters(meters, "_cider_score_sum", "_cider_cnt", 3)
+
+
+def _derived_bleu(meters) -> float:
+    from sacrebleu.metrics import BLEU
+
+    bleu = BLEU.compute_bleu(
+        correct=meters["_bleu_counts"].sum,
+        total=meters["_bleu_totals"].sum,
+        sys_len=int(meters["_bleu_sys_len"].sum),
+        ref_len=int(meters["_bleu_ref_len"].sum),
+        smooth_method="exp",
+    )
+    return round(bleu.score, 2)

@@ -1,0 +1,137 @@
+"""Task ``snli_ve``: OFA visual entailment, answered as " yes" / " no" / " maybe".
+
+The answers (keys of ``--ans2label-dict``, in order) form an answer trie that
+masks training logits (``constraint_masks``), restricts generation, and drives
+validation, which scores every answer and logs accuracy as ``snli_score``.
+"""
+
+import json
+import os
+import pickle
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+import torch
+from fairseq import metrics
+from fairseq.tasks import register_task
+
+from mue_fairseq.data.answer_trie import AnswerTrie
+from mue_fairseq.data.ofa_bpe import encode_text
+from mue_fairseq.data.snli_ve_dataset import PROMPT_TYPES, SnliVeDataset
+from mue_fairseq.tasks.ofa_task import OFAConfig, OFATask, ratio_of_meters, sum_logs
+from mue_fairseq.tasks.snli_ve_scoring import score_snli_ve_candidates
+
+
+@dataclass
+class SnliVeConfig(OFAConfig):
+    ans2label_dict: Optional[str] = field(
+        default='{"no": 0, "yes":1, "maybe": 2}', metadata={"help": "answer to label dict (JSON)"}
+    )
+    ans2label_file: Optional[str] = field(
+        default=None, metadata={"help": "JSON or pickle file with the answer to label dict; overrides --ans2label-dict"}
+    )
+    add_caption: bool = field(default=False, metadata={"help": "add caption to encoder"})
+    valid_batch_size: int = field(default=20, metadata={"help": "candidate answers scored per decoder pass"})
+    prompt_type: Optional[str] = field(
+        default=None, metadata={"help": "decoder prompt before the answer: none (default), src or prev_output"}
+    )
+
+
+def load_ans2label(ans2label_dict: Optional[str], ans2label_file: Optional[str]) -> Dict[str, int]:
+    """The answer -> label mapping from ``--ans2label-file`` (.json or .pkl) or else ``--ans2label-dict``."""
+    if ans2label_file:
+        if not os.path.isfile(ans2label_file):
+            raise FileNotFoundError(f"--ans2label-file {ans2label_file} does not exist")
+        if ans2label_file.endswith(".json"):
+            with open(ans2label_file, encoding="utf-8") as handle:
+                mapping = json.load(handle)
+        elif ans2label_file.endswith((".pkl", ".pickle")):
+            with open(ans2label_file, "rb") as handle:
+                mapping = pickle.load(handle)
+        else:
+            raise ValueError(f"--ans2label-file {ans2label_file}: expected a .json, .pkl or .pickle file")
+        source = ans2label_file
+    else:
+        try:
+            mapping = json.loads(ans2label_dict or "")
+        except json.JSONDecodeError as err:
+            raise ValueError(f"--ans2label-dict is not valid JSON: {ans2label_dict!r} ({err})") from err
+        source = "--ans2label-dict"
+    if not isinstance(mapping, dict) or not mapping:
+        raise ValueError(f"{source}: expected a non-empty answer -> label mapping, got {mapping!r}")
+    return mapping
+
+
+@register_task("snli_ve", dataclass=SnliVeConfig)
+class SnliVeTask(OFATask):
+    cfg: SnliVeConfig
+
+    def __init__(self, cfg: SnliVeConfig, src_dict, tgt_dict):
+        if cfg.prompt_type is not None and cfg.prompt_type not in PROMPT_TYPES:
+            raise ValueError(f"--prompt-type must be one of {', '.join(PROMPT_TYPES)}, got {cfg.prompt_type!r}")
+        if cfg.valid_batch_size <= 0:
+            raise ValueError(f"--valid-batch-size must be positive, got {cfg.valid_batch_size}")
+        super().__init__(cfg, src_dict, tgt_dict)
+        self.ans2label_dict = load_ans2label(cfg.ans2label_dict, cfg.ans2label_file)
+        self.index2ans = dict(enumerate(self.ans2label_dict))
+        self.answer_tokens: List[torch.Tensor] = []
+        self.constraint_trie = AnswerTrie(tgt_dict.eos())
+        for answer in self.ans2label_dict:
+            tokens = encode_text(" " + answer, self.bpe, tgt_dict)
+            self.answer_tokens.append(tokens)
+            self.constraint_trie.insert(tokens.tolist() + [tgt_dict.eos()])
+
+    def load_dataset(self, split: str, epoch: int = 1, combine: bool = False, **kwargs):
+        self.datasets[split] = SnliVeDataset(
+            split,
+            self.open_tsv(split, epoch),
+            self.bpe,
+            self.src_dict,
+            self.tgt_dict,
+            max_src_length=self.cfg.max_src_length,
+            patch_image_size=self.cfg.patch_image_size,
+            add_caption=self.cfg.add_caption,
+            constraint_trie=self.constraint_trie,
+            imagenet_default_mean_and_std=self.cfg.imagenet_default_mean_and_std,
+            prompt_type=self.cfg.prompt_type,
+        )
+
+    def generator_kwargs(self):
+        return {"constraint_trie": self.constraint_trie}
+
+    def score_answers(self, model, sample, encoder_out=None) -> torch.Tensor:
+        """B x n_answers summed answer log-probabilities (OFA's evaluation protocol)."""
+        return score_snli_ve_candidates(
+            model,
+            sample,
+            self.answer_tokens,
+            self.constraint_trie,
+            pad=self.tgt_dict.pad(),
+            eos=self.tgt_dict.eos(),
+            answers_per_pass=self.cfg.valid_batch_size,
+            encoder_out=encoder_out,
+        )
+
+    def predict_answers(self, model, sample) -> List[str]:
+        """The best-scoring answer of each sample."""
+        return [self.index2ans[i] for i in self.score_answers(model, sample).argmax(dim=1).tolist()]
+
+    def valid_step(self, sample, model, criterion):
+        loss, sample_size, logging_output = super().valid_step(sample, model, criterion)
+        model.eval()
+        hyps = self.predict_answers(model, sample)
+        scores = [ref_dict.get(hyp, 0) for ref_dict, hyp in zip(sample["ref_dict"], hyps)]
+        logging_output["_snli_score_sum"] = sum(scores)
+        logging_output["_snli_cnt"] = len(scores)
+        return loss, sample_size, logging_output
+
+    def reduce_metrics(self, logging_outputs, criterion):
+        super().reduce_metrics(logging_outputs, criterion)
+        if sum_logs(logging_outputs, "_snli_cnt") > 0:
+            metrics.log_scalar("_snli_score_sum", sum_logs(logging_outputs, "_snli_score_sum"))
+            metrics.log_scalar("_snli_cnt", sum_logs(logging_outputs, "_snli_cnt"))
+            metrics.log_derived("snli_score", _derived_snli_score)
+
+
+def _derived_snli_score(meters) -> float:
+    return ratio_of_meters(meters, "_snli_score_sum", "_snli_cnt", 4)

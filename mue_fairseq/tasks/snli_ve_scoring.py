@@ -1,0 +1,102 @@
+"""OFA's SNLI-VE evaluation: score every candidate answer with one teacher-forced decoder pass.
+
+The encoder runs once per batch; its output is repeated for each candidate.
+Each candidate row is the sample's decoder prompt followed by the answer tokens
+(row = sample * n_answers + answer); the target is the prompt shifted by one,
+the answer and eos. Logits outside the answer trie are set to -inf before the
+log-softmax, and a candidate's score is the sum of its answer (and eos)
+log-probabilities; prompt positions (no allowed token) and padding count 0.
+"""
+
+import math
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from fairseq.data import data_utils
+
+from mue_fairseq.data.answer_trie import AnswerTrie
+from mue_fairseq.data.ofa_dataset import collate_bool_masks
+
+
+def answer_constraint_masks(answers: Sequence[torch.Tensor], trie: AnswerTrie, vocab_size: int) -> List[torch.Tensor]:
+    """Per answer, a (len(answer) + 1) x V mask of the tokens the trie allows at each answer step."""
+    masks = []
+    for answer in answers:
+        mask = torch.zeros((len(answer) + 1, vocab_size), dtype=torch.bool)
+        for i in range(len(answer) + 1):
+            mask[i, trie.next_tokens(answer[:i].tolist())] = True
+        masks.append(mask)
+    return masks
+
+
+def build_candidate_batch(
+    decoder_prompts: Sequence[Sequence[int]],
+    answers: Sequence[torch.Tensor],
+    answer_masks: Sequence[torch.Tensor],
+    pad: int,
+    eos: int,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(prev_output_tokens, targets, constraint_masks) of every (sample, answer) pair, right-padded."""
+    prev_items, target_items, mask_items = [], [], []
+    eos_item = torch.tensor([eos])
+    for prompt in decoder_prompts:
+        prompt = torch.as_tensor(prompt, dtype=torch.long)
+        for answer, answer_mask in zip(answers, answer_masks):
+            prev_items.append(torch.cat([prompt, answer]))
+            target_items.append(torch.cat([prompt[1:], answer, eos_item]))
+            prompt_rows = answer_mask.new_zeros((len(prompt) - 1, answer_mask.size(1)))
+            mask_items.append(torch.cat([prompt_rows, answer_mask], dim=0))
+    prev_output = data_utils.collate_tokens(prev_items, pad, eos_idx=eos)
+    targets = data_utils.collate_tokens(target_items, pad, eos_idx=eos)
+    return prev_output, targets, collate_bool_masks(mask_items)
+
+
+@torch.no_grad()
+def score_snli_ve_candidates(
+    model,
+    sample: Dict[str, Any],
+    answers: Sequence[torch.Tensor],
+    answer_trie: AnswerTrie,
+    pad: int,
+    eos: int,
+    answers_per_pass: int = 20,
+    encoder_out: Optional[Dict[str, List[torch.Tensor]]] = None,
+) -> torch.Tensor:
+    """B x len(answers) summed log-probabilities of each answer, as OFA's ``eval_snli_ve`` computes them.
+
+    ``model`` follows OFA's signatures: ``model.encoder(src_tokens, src_lengths=,
+    patch_images=, patch_masks=)``, ``model.encoder.reorder_encoder_out`` and
+    ``model.decoder(prev_output_tokens, encoder_out=)`` -> (logits, extra).
+    ``answers_per_pass`` answers share one decoder pass (OFA's ``valid_batch_size``).
+    ``encoder_out`` may be given to reuse an encoder output of this batch.
+    """
+    net_input = sample["net_input"]
+    src_tokens = net_input["src_tokens"]
+    device = src_tokens.device
+    if encoder_out is None:
+        encoder_out = model.encoder(
+            src_tokens,
+            src_lengths=net_input["src_lengths"],
+            patch_images=net_input["patch_images"],
+            patch_masks=net_input["patch_masks"],
+        )
+    vocab_size = len(model.decoder.dictionary)
+    answer_masks = answer_constraint_masks(answers, answer_trie, vocab_size)
+    batch_size = src_tokens.size(0)
+
+    results = []
+    for start in range(0, len(answers), answers_per_pass):
+        chunk = list(answers[start : start + answers_per_pass])
+        chunk_masks = answer_masks[start : start + answers_per_pass]
+        prev_output, targets, masks = build_candidate_batch(sample["decoder_prompts"], chunk, chunk_masks, pad, eos)
+        prev_output, targets, masks = prev_output.to(device), targets.to(device), masks.to(device)
+        new_order = torch.arange(batch_size, device=device).repeat_interleave(len(chunk))
+        repeated = model.encoder.reorder_encoder_out(encoder_out, new_order)
+        logits, extra = model.decoder(prev_output, encoder_out=repeated)
+        logits = logits.masked_fill(~masks, -math.inf)
+        lprobs = model.get_normalized_probs((logits, extra), log_probs=True)
+        scores = lprobs.gather(dim=-1, index=targets.unsqueeze(-1)).squeeze(-1)
+        scores = scores.masked_fill(targets.eq(pad), 0)
+        scores = scores.masked_fill((~masks).all(dim=2), 0)
+        results.append(scores.sum(dim=1).view(batch_size, len(chunk)))
+    return torch.cat(results, dim=1)
