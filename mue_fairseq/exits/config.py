@@ -140,13 +140,14 @@ class MuEConfig(FairseqDataclass):
 
 
 def mue_overrides(**options) -> dict:
-    """`--model-overrides` that turn any OFA checkpoint into an `mue_ofa` model with these options.
+    """`--model-overrides` that load any OFA checkpoint as an `mue_ofa` model with these options.
 
+    Any `mue_*` key makes the OFA tasks build `mue_ofa` (no new parameters, same state dict).
     Example: mue_overrides(mue_image_threshold=0.9, mue_decoder_threshold=0.9).
     """
     known = {f.name for f in fields(MuEConfig)}
     unknown = sorted(set(options) - known)
     if unknown:
         raise ValueError(f"unknown MuE options {unknown}; known: {sorted(known)}")
-    MuEConfig(**options)  # validate now rather than at model build
-    return {"_name": "mue_ofa", "arch": "mue_ofa", **options}
+    config = MuEConfig(**options)  # validate now rather than at model build
+    return {"mue_encoder_mode": str(config.mue_encoder_mode), **options}

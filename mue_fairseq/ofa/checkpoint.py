@@ -13,7 +13,8 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-OFA_ARCHITECTURES = ("ofa", "ofa_tiny", "ofa_medium", "ofa_base", "ofa_large", "ofa_huge")
+OFA_ARCHITECTURES = ("ofa_tiny", "ofa_medium", "ofa_base", "ofa_large", "ofa_huge")
+MUE_ARCHITECTURES = ("mue_ofa",) + tuple(f"mue_{arch}" for arch in OFA_ARCHITECTURES)
 
 
 def allow_fairseq_checkpoint_globals() -> None:
@@ -24,16 +25,9 @@ def allow_fairseq_checkpoint_globals() -> None:
 
 
 def checkpoint_architecture(state: Dict) -> Optional[str]:
-    """The model architecture recorded in a loaded checkpoint dict (legacy `args` or `cfg`)."""
-    for holder in (state.get("cfg") or {}).get("model") if state.get("cfg") else None, state.get("args"):
-        if holder is None:
-            continue
-        arch = getattr(holder, "arch", None) or getattr(holder, "_name", None)
-        if arch is None and hasattr(holder, "get"):
-            arch = holder.get("arch") or holder.get("_name")
-        if arch:
-            return arch
-    return None
+    """The model architecture recorded in a loaded checkpoint dict (in `cfg.model` or legacy `args`)."""
+    holder = state["cfg"]["model"] if state.get("cfg") is not None else state.get("args")
+    return getattr(holder, "_name", None) or getattr(holder, "arch", None)
 
 
 def check_is_ofa_checkpoint(path: str, state: Dict, accepted: Sequence[str]) -> str:
@@ -49,7 +43,8 @@ def check_is_ofa_checkpoint(path: str, state: Dict, accepted: Sequence[str]) -> 
 
 
 def load_ofa_ensemble(
-    paths: List[str], arg_overrides: Optional[Dict] = None, task=None, accepted: Sequence[str] = OFA_ARCHITECTURES
+    paths: List[str], arg_overrides: Optional[Dict] = None, task=None,
+    accepted: Sequence[str] = OFA_ARCHITECTURES + MUE_ARCHITECTURES,
 ) -> Tuple[list, object, object]:
     """`checkpoint_utils.load_model_ensemble_and_task` after checking each file is an OFA model."""
     from fairseq import checkpoint_utils

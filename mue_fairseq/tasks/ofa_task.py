@@ -21,6 +21,7 @@ from fairseq.tasks import FairseqTask
 
 from mue_fairseq.data.ofa_bpe import build_gpt2_bpe, check_bpe_dir, load_ofa_dictionary
 from mue_fairseq.data.tsv_file import TSVFile
+from mue_fairseq.ofa.checkpoint import MUE_ARCHITECTURES, OFA_ARCHITECTURES
 
 logger = logging.getLogger(__name__)
 
@@ -166,6 +167,22 @@ class OFATask(FairseqTask):
             skip_remainder_batch=skip_remainder_batch and training,
             grouped_shuffling=grouped_shuffling,
         )
+
+    # ------------------------------------------------------------ model
+    def build_model(self, cfg, from_checkpoint=False):
+        """Build an OFA-family model; `mue_*` options turn an OFA architecture into `mue_ofa`.
+
+        So `--model-overrides "{'mue_image_threshold': 0.9}"` applies MuE to any OFA checkpoint.
+        """
+        arch = getattr(cfg, "_name", None) or getattr(cfg, "arch", None)
+        if arch not in OFA_ARCHITECTURES + MUE_ARCHITECTURES:
+            raise ValueError(
+                f"model architecture {arch!r} is not an OFA model; the {self.__class__.__name__} task "
+                f"needs one of {list(OFA_ARCHITECTURES + MUE_ARCHITECTURES)}"
+            )
+        if arch in OFA_ARCHITECTURES and any(name.startswith("mue_") for name in vars(cfg)):
+            cfg._name = cfg.arch = "mue_ofa"
+        return super().build_model(cfg, from_checkpoint)
 
     # ------------------------------------------------------------ training
     def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False):
