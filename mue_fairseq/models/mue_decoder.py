@@ -74,10 +74,12 @@ class MuEDecoder(OFADecoder):
             return self._decode_step(prev_output_tokens, encoder_out, incremental_state)
         if not self.training and self.mue.decoder_exits_enabled():
             return self._teacher_forced_with_exits(prev_output_tokens, encoder_out, exit_groups)
-        return super().extract_features(
+        x, extra = super().extract_features(
             prev_output_tokens, code_masks, encoder_out, incremental_state,
             full_context_alignment, alignment_layer, alignment_heads,
         )
+        extra["exit_layers"] = [prev_output_tokens.new_full((prev_output_tokens.size(0),), self.num_layers)]
+        return x, extra
 
     def forward(self, prev_output_tokens, code_masks=None, encoder_out=None, incremental_state=None,
                 features_only=False, full_context_alignment=False, alignment_layer=None,

@@ -99,8 +99,11 @@ class SnliVeTask(OFATask):
     def generator_kwargs(self):
         return {"constraint_trie": self.constraint_trie}
 
-    def score_answers(self, model, sample, encoder_out=None) -> torch.Tensor:
-        """B x n_answers summed answer log-probabilities (OFA's evaluation protocol)."""
+    def score_answers(self, model, sample, encoder_out=None, decoder_exit_layers=None) -> torch.Tensor:
+        """B x n_answers summed answer log-probabilities (OFA's evaluation protocol).
+
+        decoder_exit_layers: optional list receiving the MuE decoder's layers run per sample.
+        """
         return score_snli_ve_candidates(
             model,
             sample,
@@ -110,6 +113,7 @@ class SnliVeTask(OFATask):
             eos=self.tgt_dict.eos(),
             answers_per_pass=self.cfg.valid_batch_size,
             encoder_out=encoder_out,
+            decoder_exit_layers=decoder_exit_layers,
         )
 
     def predict_answers(self, model, sample) -> List[str]:

@@ -61,6 +61,7 @@ def score_snli_ve_candidates(
     eos: int,
     answers_per_pass: int = 20,
     encoder_out: Optional[Dict[str, List[torch.Tensor]]] = None,
+    decoder_exit_layers: Optional[List[torch.Tensor]] = None,
 ) -> torch.Tensor:
     """B x len(answers) summed log-probabilities of each answer, as OFA's ``eval_snli_ve`` computes them.
 
@@ -69,6 +70,9 @@ def score_snli_ve_candidates(
     ``model.decoder(prev_output_tokens, encoder_out=)`` -> (logits, extra).
     ``answers_per_pass`` answers share one decoder pass (OFA's ``valid_batch_size``).
     ``encoder_out`` may be given to reuse an encoder output of this batch.
+    With a MuE decoder, the candidates of a sample form one exit group (they stop at the same
+    layer, so their scores stay comparable); each pass appends the (B,) decoder layers run to
+    ``decoder_exit_layers`` when a list is given.
     """
     net_input = sample["net_input"]
     src_tokens = net_input["src_tokens"]
@@ -92,11 +96,18 @@ def score_snli_ve_candidates(
         prev_output, targets, masks = prev_output.to(device), targets.to(device), masks.to(device)
         new_order = torch.arange(batch_size, device=device).repeat_interleave(len(chunk))
         repeated = model.encoder.reorder_encoder_out(encoder_out, new_order)
-        logits, extra = model.decoder(prev_output, encoder_out=repeated)
-        logits = logits.masked_fill(~masks, -math.inf)
-        lprobs = model.get_normalized_probs((logits, extra), log_probs=True)
-        scores = lprobs.gather(dim=-1, index=targets.unsqueeze(-1)).squeeze(-1)
-        scores = scores.masked_fill(targets.eq(pad), 0)
-        scores = scores.masked_fill((~masks).all(dim=2), 0)
+        if getattr(model.decoder, "supports_exits", False):
+            features, extra = model.decoder(prev_output, encoder_out=repeated, exit_groups=new_order, features_only=True)
+            if decoder_exit_layers is not None:
+                decoder_exit_layers.append(extra["exit_layers"][0].view(batch_size, len(chunk))[:, 0])
+        else:
+            features, extra = model.decoder(prev_output, encoder_out=repeated, features_only=True)
+        # Only answer positions are scored: project just those rows onto the vocabulary
+        # (prompt and pad positions count 0, as in OFA, which projects every position).
+        scored = masks.any(dim=2) & targets.ne(pad)
+        logits = model.decoder.output_layer(features[scored]).masked_fill(~masks[scored], -math.inf)
+        lprobs = model.get_normalized_probs((logits.unsqueeze(1), extra), log_probs=True).squeeze(1)
+        scores = features.new_zeros(targets.shape, dtype=lprobs.dtype)
+        scores[scored] = lprobs.gather(dim=-1, index=targets[scored].unsqueeze(-1)).squeeze(-1)
         results.append(scores.sum(dim=1).view(batch_size, len(chunk)))
     return torch.cat(results, dim=1)
