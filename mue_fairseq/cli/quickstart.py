@@ -1,0 +1,213 @@
+"""The whole method on one machine: built-in task -> layer-wise fine-tuning -> full depth vs MuE.
+
+    python -m mue_fairseq.cli.quickstart --work-dir work_dirs/quickstart
+
+1. writes the synthetic image-text task (caption and entailment TSVs in OFA's formats);
+2. trains a small OFA-architecture model per task with fairseq-train and `mue_layerwise_ce`
+   (decomposed encoder, full depth), with fairseq's progress logs;
+3. on the validation split, evaluates full depth and a few MuE threshold settings, and keeps the
+   fastest (measured) one that holds the quality target (99% of full-depth accuracy for
+   entailment, 96% of full-depth CIDEr-D for captions);
+4. evaluates full depth and that setting on the test split, in one process, and prints a table
+   in the paper's form: quality, expected time reduction (layers and FLOPs), measured time.
+Every step reuses what an earlier run left in --work-dir.
+"""
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Dict, List
+
+logger = logging.getLogger("mue_fairseq.quickstart")
+REPO = Path(__file__).resolve().parents[2]
+
+# A model small enough to train in minutes on two CPU cores, deep enough for exits to matter.
+MODEL_ARGS = [
+    "--arch", "mue_ofa_tiny", "--encoder-embed-dim", "256", "--encoder-ffn-embed-dim", "512",
+    "--encoder-layers", "6", "--decoder-layers", "6", "--encoder-attention-heads", "4",
+    "--decoder-attention-heads", "4", "--resnet-type", "resnet18", "--image-bucket-size", "8",
+    "--token-bucket-size", "64", "--scale-attn", "--scale-fc", "--scale-heads", "--disable-entangle",
+    "--dropout", "0.1", "--patch-image-size", "64",
+]
+TASKS = {
+    "snli_ve": {
+        "files": ("snli_ve_train.tsv", "snli_ve_valid.tsv", "snli_ve_test.tsv"),
+        "task_args": ["--selected-cols", "0,2,3,4,5", "--add-caption", "--prompt-type", "prev_output",
+                      "--max-src-length", "40", "--max-tgt-length", "10"],
+        "eval_args": [],
+        "target": 0.99,
+        "settings": [
+            {"mue_image_threshold": 0.97, "mue_text_threshold": 0.97, "mue_decoder_threshold": 0.97},
+            {"mue_image_threshold": 0.95, "mue_text_threshold": 0.95, "mue_decoder_threshold": 0.95},
+            {"mue_image_threshold": 0.9, "mue_text_threshold": 0.9, "mue_decoder_threshold": 0.9},
+        ],
+    },
+    "caption": {
+        "files": ("caption_train.tsv", "caption_valid.tsv", "caption_test.tsv"),
+        "task_args": ["--selected-cols", "0,4,2", "--max-src-length", "40", "--max-tgt-length", "20"],
+        "eval_args": ["--beam", "2", "--max-len-b", "16", "--no-repeat-ngram-size", "3"],
+        "target": 0.96,
+        "settings": [
+            {"mue_image_threshold": 0.97, "mue_text_threshold": 0.97, "mue_decoder_threshold": 0.97},
+            {"mue_image_threshold": 0.95, "mue_text_threshold": 0.95, "mue_decoder_threshold": 0.95},
+            {"mue_image_threshold": 0.9, "mue_text_threshold": 0.9, "mue_decoder_threshold": 0.9},
+        ],
+    },
+}
+
+
+def python() -> str:
+    return sys.executable
+
+
+def train(task: str, data_dir: Path, save_dir: Path, updates: int, batch_size: int, bpe_dir: str) -> Path:
+    checkpoint = save_dir / "checkpoint_last.pt"
+    if checkpoint.exists():
+        logger.info("%s: reusing %s", task, checkpoint)
+        return checkpoint
+    spec = TASKS[task]
+    train_file, valid_file, _ = (data_dir / name for name in spec["files"])
+    command = [
+        python(), "-m", "fairseq_cli.train", f"{train_file},{valid_file}", "--user-dir", str(REPO / "mue_fairseq"),
+        "--task", task, "--bpe-dir", bpe_dir, *spec["task_args"], *MODEL_ARGS,
+        "--ignore-unused-valid-subsets", "--criterion", "mue_layerwise_ce",
+        "--optimizer", "adam", "--adam-betas", "(0.9,0.999)", "--lr", "1e-3", "--weight-decay", "0.01",
+        "--lr-scheduler", "polynomial_decay", "--warmup-updates", str(max(updates // 10, 1)),
+        "--total-num-update", str(updates), "--max-update", str(updates), "--batch-size", str(batch_size),
+        "--clip-norm", "1.0", "--cpu", "--num-workers", "0", "--log-format", "simple", "--log-interval", "10",
+        "--save-dir", str(save_dir), "--no-epoch-checkpoints", "--disable-validation", "--seed", "1",
+        "--max-epoch", "100",
+    ]
+    logger.info("%s: training %d updates: %s", task, updates, " ".join(command))
+    subprocess.run(command, check=True)
+    return checkpoint
+
+
+def evaluate(models, task, cfg, settings: Dict, subset: str):
+    from mue_fairseq.cli.evaluate import run_evaluation
+
+    models[0].set_exit_options(**settings)
+    result, stats = run_evaluation(models, task, cfg, subset=subset, progress=False)
+    return result, stats
+
+
+def load(task: str, checkpoint: Path, data_dir: Path, bpe_dir: str, batch_size: int):
+    from fairseq import options
+
+    from mue_fairseq.cli.evaluate import add_mue_arguments, load_for_evaluation
+
+    spec = TASKS[task]
+    parser = options.get_generation_parser()
+    add_mue_arguments(parser)
+    data = ",".join(str(data_dir / name) for name in spec["files"][1:])
+    argv = [data, "--path", str(checkpoint), "--user-dir", str(REPO / "mue_fairseq"), "--task", task,
+            "--batch-size", str(batch_size), "--cpu", "--log-format", "none",
+            "--model-overrides", json.dumps({"bpe_dir": bpe_dir}), *spec["eval_args"]]
+    args = options.parse_args_and_arch(parser, argv)
+    return load_for_evaluation(args)
+
+
+def full_depth() -> Dict:
+    return {"mue_image_threshold": 1.0, "mue_text_threshold": 1.0, "mue_decoder_threshold": 1.0}
+
+
+def row(name: str, task: str, result, stats, base_seconds: float) -> Dict:
+    summary = stats.summary()
+    flops = (summary.get("time_reduction_flops") or {}).get("total", {})
+    return {
+        "task": task, "setting": name, "quality": result.quality(),
+        "metric": "accuracy" if "accuracy" in result.scores else "CIDEr-D",
+        "image_layers": summary["mean_exit_layers"]["image"], "text_layers": summary["mean_exit_layers"]["text"],
+        "decoder_layers": summary["mean_exit_layers"]["decoder"],
+        "expected_reduction_layers": summary["time_reduction_layers"]["combined"],
+        "expected_reduction_flops": flops.get("reduction") if isinstance(flops, dict) else None,
+        "seconds": result.seconds, "speedup": base_seconds / result.seconds if result.seconds else float("nan"),
+    }
+
+
+def print_table(rows: List[Dict]) -> str:
+    header = (f"{'task':8} {'setting':34} {'quality':>8} {'img':>4} {'txt':>4} {'dec':>4} "
+              f"{'E[time] layers':>14} {'E[time] FLOPs':>13} {'measured s':>10} {'speed-up':>8}")
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        flops = "n/a" if r["expected_reduction_flops"] is None else f"{-100 * r['expected_reduction_flops']:+.1f}%"
+        lines.append(
+            f"{r['task']:8} {r['setting']:34} {r['quality']:8.2f} {r['image_layers']:4.1f} {r['text_layers']:4.1f} "
+            f"{r['decoder_layers']:4.1f} {-100 * r['expected_reduction_layers']:+13.1f}% {flops:>13} "
+            f"{r['seconds']:10.2f} {r['speedup']:7.2f}x"
+        )
+    table = "\n".join(lines)
+    print(table, flush=True)
+    return table
+
+
+def describe(settings: Dict) -> str:
+    if all(v >= 1 for v in settings.values()):
+        return "full depth (OFA)"
+    return "MuE img {mue_image_threshold} txt {mue_text_threshold} dec {mue_decoder_threshold}".format(**settings)
+
+
+def run_task(task: str, work: Path, data_dir: Path, bpe_dir: str, updates: int, batch_size: int) -> List[Dict]:
+    import torch
+
+    checkpoint = train(task, data_dir, work / f"checkpoints_{task}", updates, batch_size, bpe_dir)
+    models, task_obj, cfg = load(task, checkpoint, data_dir, bpe_dir, batch_size)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+    spec = TASKS[task]
+    base, _ = evaluate(models, task_obj, cfg, full_depth(), "valid")
+    chosen, chosen_seconds = None, base.seconds
+    for settings in spec["settings"]:
+        result, _ = evaluate(models, task_obj, cfg, settings, "valid")
+        keeps = result.quality() >= spec["target"] * base.quality()
+        logger.info("%s valid: %s quality %.2f (full %.2f), %.2f s (full %.2f s)%s", task, describe(settings),
+                    result.quality(), base.quality(), result.seconds, base.seconds, "" if keeps else " - below target")
+        if keeps and result.seconds < chosen_seconds:
+            chosen, chosen_seconds = settings, result.seconds
+    rows = []
+    full_result, full_stats = evaluate(models, task_obj, cfg, full_depth(), "test")
+    rows.append(row(describe(full_depth()), task, full_result, full_stats, full_result.seconds))
+    if chosen is None:
+        logger.warning("%s: no MuE setting kept %.0f%% of full-depth quality on valid", task, 100 * spec["target"])
+    else:
+        result, stats = evaluate(models, task_obj, cfg, chosen, "test")
+        rows.append(row(describe(chosen), task, result, stats, full_result.seconds))
+    return rows
+
+
+def main(argv=None):
+    logging.basicConfig(format="%(asctime)s | %(levelname)s | %(name)s | %(message)s", level=logging.INFO,
+                        stream=sys.stdout)
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work-dir", default=str(REPO / "work_dirs" / "quickstart"))
+    parser.add_argument("--bpe-dir", default=os.environ.get("MUE_BPE_DIR", str(REPO.parent / "shared" / "ofa_bpe")),
+                        help="OFA's BPE files (dict.txt, encoder.json, vocab.bpe)")
+    parser.add_argument("--tasks", default="snli_ve,caption")
+    parser.add_argument("--updates", type=int, default=300, help="training updates per task")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--num-train", type=int, default=2000, help="training images of the synthetic task")
+    args = parser.parse_args(argv)
+
+    from data_utils.synthetic_task import build_synthetic_task
+    from mue_fairseq.data.ofa_bpe import check_bpe_dir
+
+    check_bpe_dir(args.bpe_dir)
+    work = Path(args.work_dir)
+    data_dir = work / "data"
+    if not (data_dir / "synthetic_task_info.json").exists():
+        build_synthetic_task(data_dir, seed=1, num_train=args.num_train, num_valid=200, num_test=200)
+    rows = []
+    for task in args.tasks.split(","):
+        rows += run_task(task, work, data_dir, args.bpe_dir, args.updates, args.batch_size)
+    table = print_table(rows)
+    (work / "quickstart_results.json").write_text(json.dumps(rows, indent=1))
+    (work / "quickstart_table.txt").write_text(table + "\n")
+    logger.info("results: %s", work / "quickstart_results.json")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
