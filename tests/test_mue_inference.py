@@ -257,3 +257,35 @@ def test_thresholds_outside_unit_interval_are_refused(name, value):
 def test_unknown_kv_policy_is_refused():
     with pytest.raises(ValueError, match="--mue-kv-policy must be one of"):
         MuEConfig(mue_kv_policy="teleport")
+
+
+@pytest.mark.parametrize("options,expected_decoder", [
+    (dict(mue_exit_policy="static", mue_static_image_layers=2, mue_static_text_layers=1,
+          mue_static_decoder_layers=2), 2),
+    (dict(mue_exit_policy="entropy", mue_entropy_threshold=100.0), 1),
+    (dict(mue_exit_policy="confidence", mue_confidence_threshold=0.0), 1),
+])
+def test_baseline_policies_stop_where_their_rule_says(models, options, expected_decoder):
+    _, mue, dictionary = models
+    mue.set_exit_options(mue_image_threshold=1.0, mue_text_threshold=1.0, mue_decoder_threshold=1.0, **options)
+    try:
+        hypos = generate(mue, dictionary, tiny_batch(dictionary, batch=2))
+    finally:
+        mue.set_exit_options(mue_exit_policy="similarity", mue_static_image_layers=0, mue_static_text_layers=0,
+                             mue_static_decoder_layers=0)
+    static = options.get("mue_exit_policy") == "static"
+    for hypo in (h for sentence in hypos for h in sentence):
+        assert hypo["exit_layers"].eq(expected_decoder).all()
+        expected_encoder = [2, 1] if static else [mue.encoder.num_layers] * 2
+        assert hypo["encoder_exit_layers"].tolist() == expected_encoder
+
+
+def test_patience_needs_that_many_agreeing_layers(models):
+    _, mue, dictionary = models
+    mue.set_exit_options(mue_exit_policy="patience", mue_patience=1)
+    try:
+        state = run_steps(mue, dictionary, tiny_batch(dictionary, batch=3), 4)
+    finally:
+        mue.set_exit_options(mue_exit_policy="similarity", mue_patience=0)
+    # The first layer has no predecessor to agree with: patience 1 stops at layer 2 at the earliest.
+    assert mue.decoder.exit_record(state).ge(2).all()

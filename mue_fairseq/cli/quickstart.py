@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 # A model small enough to train in minutes on two CPU cores, deep enough for exits to matter.
 MODEL_ARGS = [
-    "--arch", "mue_ofa_tiny", "--encoder-embed-dim", "256", "--encoder-ffn-embed-dim", "512",
+    "--arch", "mue_ofa_tiny", "--encoder-embed-dim", "128", "--encoder-ffn-embed-dim", "256",
     "--encoder-layers", "6", "--decoder-layers", "6", "--encoder-attention-heads", "4",
     "--decoder-attention-heads", "4", "--resnet-type", "resnet18", "--image-bucket-size", "8",
     "--token-bucket-size", "64", "--scale-attn", "--scale-fc", "--scale-heads", "--disable-entangle",
@@ -187,7 +187,7 @@ def main(argv=None):
                         help="OFA's BPE files (dict.txt, encoder.json, vocab.bpe)")
     parser.add_argument("--tasks", default="snli_ve,caption")
     parser.add_argument("--updates", type=int, default=300, help="training updates per task")
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--num-train", type=int, default=2000, help="training images of the synthetic task")
     args = parser.parse_args(argv)
 
