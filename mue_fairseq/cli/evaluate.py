@@ -216,8 +216,9 @@ def write_results(result: EvaluationResult, stats, results_path: str, plots: boo
 
 
 def cli_main(argv: Optional[List[str]] = None) -> EvaluationResult:
+    # fairseq's import configures the root logger already: force our format and level.
     logging.basicConfig(format="%(asctime)s | %(levelname)s | %(name)s | %(message)s",
-                        level=os.environ.get("LOGLEVEL", "INFO").upper(), stream=sys.stdout)
+                        level=os.environ.get("LOGLEVEL", "INFO").upper(), stream=sys.stdout, force=True)
     logging.getLogger("matplotlib").setLevel(logging.WARNING)
     parser = options.get_generation_parser()
     add_mue_arguments(parser)

@@ -104,7 +104,7 @@ def load(task: str, checkpoint: Path, data_dir: Path, bpe_dir: str, batch_size: 
     add_mue_arguments(parser)
     data = ",".join(str(data_dir / name) for name in spec["files"][1:])
     argv = [data, "--path", str(checkpoint), "--user-dir", str(REPO / "mue_fairseq"), "--task", task,
-            "--batch-size", str(batch_size), "--cpu", "--log-format", "none",
+            "--batch-size", str(batch_size), "--cpu", "--log-format", "none", "--num-workers", "0",
             "--model-overrides", json.dumps({"bpe_dir": bpe_dir}), *spec["eval_args"]]
     args = options.parse_args_and_arch(parser, argv)
     return load_for_evaluation(args)
@@ -179,7 +179,7 @@ def run_task(task: str, work: Path, data_dir: Path, bpe_dir: str, updates: int, 
 
 def main(argv=None):
     logging.basicConfig(format="%(asctime)s | %(levelname)s | %(name)s | %(message)s", level=logging.INFO,
-                        stream=sys.stdout)
+                        stream=sys.stdout, force=True)
     logging.getLogger("matplotlib").setLevel(logging.WARNING)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work-dir", default=str(REPO / "work_dirs" / "quickstart"))

@@ -1,0 +1,78 @@
+"""A tiny `mue_ofa` checkpoint trained for two updates by fairseq-train, in this process, on the
+built-in synthetic task; built once per test session and shared by the test files that need one."""
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List
+
+import pytest
+
+from ofa_fixtures import BPE_DIR
+
+TASK_ARGS = {
+    "snli_ve": ["--selected-cols", "0,2,3,4,5", "--add-caption", "--prompt-type", "prev_output",
+                "--max-src-length", "40", "--max-tgt-length", "10"],
+    "caption": ["--selected-cols", "0,4,2", "--max-src-length", "40", "--max-tgt-length", "12"],
+}
+TINY_MODEL_ARGS = [
+    "--arch", "mue_ofa_tiny", "--encoder-embed-dim", "32", "--encoder-ffn-embed-dim", "64", "--encoder-layers", "2",
+    "--decoder-layers", "2", "--encoder-attention-heads", "2", "--decoder-attention-heads", "2",
+    "--resnet-type", "resnet18", "--patch-image-size", "64", "--image-bucket-size", "8", "--token-bucket-size", "32",
+]
+LAYERS = 2
+
+
+@dataclass
+class TinyCheckpoint:
+    task: str
+    checkpoint: Path
+    data_dir: Path
+    bpe_dir: str
+
+    def split(self, name: str) -> Path:
+        return self.data_dir / f"{self.task}_{name}.tsv"
+
+    def eval_args(self) -> List[str]:
+        """Arguments shared by evaluate and sweep: data, checkpoint, task options, CPU."""
+        return [str(self.split("valid")), "--path", str(self.checkpoint), "--user-dir", str(_plugin_dir()),
+                "--task", self.task, "--gen-subset", "valid", "--batch-size", "4", "--num-workers", "0", "--cpu",
+                "--log-format", "none", "--model-overrides", repr({"bpe_dir": self.bpe_dir})]
+
+
+_BUILT: Dict[str, TinyCheckpoint] = {}
+
+
+def _plugin_dir() -> Path:
+    return Path(__file__).resolve().parents[1] / "mue_fairseq"
+
+
+def tiny_checkpoint(task: str, tmp_path_factory) -> TinyCheckpoint:
+    """Synthetic data (8 training rows, 6-12 validation rows) and a 2-update checkpoint for `task`."""
+    if not BPE_DIR.exists():
+        pytest.skip(f"OFA BPE files not found at {BPE_DIR}")
+    if task in _BUILT:
+        return _BUILT[task]
+    from fairseq import options
+    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+    from fairseq.distributed import utils as distributed_utils
+    from fairseq_cli import train
+
+    from data_utils.synthetic_task import build_synthetic_task
+
+    root = tmp_path_factory.mktemp(f"tiny_{task}")
+    data_dir = root / "data"
+    build_synthetic_task(str(data_dir), seed=3, num_train=4, num_valid=6, num_test=2)
+    save_dir = root / "checkpoints"
+    argv = [
+        f"{data_dir / f'{task}_train.tsv'},{data_dir / f'{task}_valid.tsv'}", "--user-dir", str(_plugin_dir()),
+        "--task", task, "--bpe-dir", str(BPE_DIR), *TASK_ARGS[task], *TINY_MODEL_ARGS,
+        "--ignore-unused-valid-subsets", "--criterion", "adjust_label_smoothed_cross_entropy",
+        "--optimizer", "adam", "--lr", "1e-3", "--max-update", "2", "--batch-size", "4", "--cpu",
+        "--num-workers", "0", "--log-format", "none", "--save-dir", str(save_dir), "--no-epoch-checkpoints",
+        "--disable-validation", "--seed", "1",
+    ]
+    args = options.parse_args_and_arch(options.get_training_parser(), argv)
+    distributed_utils.call_main(convert_namespace_to_omegaconf(args), train.main)
+    checkpoint = save_dir / "checkpoint_last.pt"
+    assert checkpoint.exists(), f"fairseq-train wrote no {checkpoint}"
+    _BUILT[task] = TinyCheckpoint(task, checkpoint, data_dir, str(BPE_DIR))
+    return _BUILT[task]
