@@ -6,4 +6,4 @@ import warnings
 
 warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"fairseq\..*")
 
-from . import criterions, models, ofa, tasks  # noqa: E402,F401
+from . import criterions, distributed_cpu, models, ofa, tasks  # noqa: E402,F401

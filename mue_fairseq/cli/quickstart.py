@@ -65,7 +65,8 @@ def python() -> str:
 
 def train(task: str, data_dir: Path, save_dir: Path, updates: int, batch_size: int, bpe_dir: str) -> Path:
     checkpoint = save_dir / "checkpoint_last.pt"
-    if checkpoint.exists():
+    done = save_dir / f"trained_{updates}_updates"
+    if done.exists() and checkpoint.exists():
         logger.info("%s: reusing %s", task, checkpoint)
         return checkpoint
     spec = TASKS[task]
@@ -83,6 +84,7 @@ def train(task: str, data_dir: Path, save_dir: Path, updates: int, batch_size: i
     ]
     logger.info("%s: training %d updates: %s", task, updates, " ".join(command))
     subprocess.run(command, check=True)
+    done.touch()
     return checkpoint
 
 
