@@ -74,7 +74,7 @@ def train(task: str, data_dir: Path, save_dir: Path, updates: int, batch_size: i
     command = [
         python(), "-m", "fairseq_cli.train", f"{train_file},{valid_file}", "--user-dir", str(REPO / "mue_fairseq"),
         "--task", task, "--bpe-dir", bpe_dir, *spec["task_args"], *MODEL_ARGS,
-        "--ignore-unused-valid-subsets", "--criterion", "mue_layerwise_ce",
+        "--ignore-unused-valid-subsets", "--criterion", "mue_layerwise_ce", "--sampled-intermediate-layers", "2",
         "--optimizer", "adam", "--adam-betas", "(0.9,0.999)", "--lr", "1e-3", "--weight-decay", "0.01",
         "--lr-scheduler", "polynomial_decay", "--warmup-updates", str(max(updates // 10, 1)),
         "--total-num-update", str(updates), "--max-update", str(updates), "--batch-size", str(batch_size),
@@ -188,7 +188,7 @@ def main(argv=None):
     parser.add_argument("--bpe-dir", default=os.environ.get("MUE_BPE_DIR", str(REPO.parent / "shared" / "ofa_bpe")),
                         help="OFA's BPE files (dict.txt, encoder.json, vocab.bpe)")
     parser.add_argument("--tasks", default="snli_ve,caption")
-    parser.add_argument("--updates", type=int, default=300, help="training updates per task")
+    parser.add_argument("--updates", type=int, default=200, help="training updates per task")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--num-train", type=int, default=2000, help="training images of the synthetic task")
     args = parser.parse_args(argv)
