@@ -41,7 +41,6 @@ TASKS = {
         "target": 0.99,
         "settings": [
             {"mue_image_threshold": 0.97, "mue_text_threshold": 0.97, "mue_decoder_threshold": 0.97},
-            {"mue_image_threshold": 0.95, "mue_text_threshold": 0.95, "mue_decoder_threshold": 0.95},
             {"mue_image_threshold": 0.9, "mue_text_threshold": 0.9, "mue_decoder_threshold": 0.9},
         ],
     },
@@ -52,7 +51,6 @@ TASKS = {
         "target": 0.96,
         "settings": [
             {"mue_image_threshold": 0.97, "mue_text_threshold": 0.97, "mue_decoder_threshold": 0.97},
-            {"mue_image_threshold": 0.95, "mue_text_threshold": 0.95, "mue_decoder_threshold": 0.95},
             {"mue_image_threshold": 0.9, "mue_text_threshold": 0.9, "mue_decoder_threshold": 0.9},
         ],
     },
@@ -200,7 +198,7 @@ def main(argv=None):
     work = Path(args.work_dir)
     data_dir = work / "data"
     if not (data_dir / "synthetic_task_info.json").exists():
-        build_synthetic_task(data_dir, seed=1, num_train=args.num_train, num_valid=200, num_test=200)
+        build_synthetic_task(data_dir, seed=1, num_train=args.num_train, num_valid=100, num_test=200)
     rows = []
     for task in args.tasks.split(","):
         rows += run_task(task, work, data_dir, args.bpe_dir, args.updates, args.batch_size)
