@@ -98,7 +98,8 @@ def test_grid_sweep_and_calibration_on_a_trained_checkpoint(snli, tmp_path, caps
         (i, t, d) for i in ("1.0", "0.3") for t in ("1.0", "0.3") for d in ("1.0", "0.3")}
     full, *others = rows
     assert full["full_depth"] == "1" and float(full["measured_speedup"]) == 1.0
-    assert float(full["expected_reduction_layers"]) == 0.0 and float(full["expected_reduction_flops"]) == 0.0
+    assert float(full["expected_reduction_layers"]) == 0.0
+    assert full["expected_reduction_flops"] == ""  # SNLI-VE scoring has no FLOP model (generation only)
     assert all(float(full[f"{s}_layers"]) == LAYERS for s in ("image", "text", "decoder"))
     for row in rows:
         assert float(row["seconds"]) > 0 and int(row["num_samples"]) == 12
@@ -107,7 +108,7 @@ def test_grid_sweep_and_calibration_on_a_trained_checkpoint(snli, tmp_path, caps
     lowest = next(r for r in rows if r["image_threshold"] == r["text_threshold"] == r["decoder_threshold"] == "0.3")
     assert float(lowest["image_layers"]) < LAYERS and float(lowest["text_layers"]) < LAYERS
     assert float(lowest["decoder_layers"]) < LAYERS
-    assert float(lowest["expected_reduction_layers"]) > 0 and float(lowest["expected_reduction_flops"]) > 0
+    assert float(lowest["expected_reduction_layers"]) > 0
     assert any(r["pareto_measured"] == "1" for r in rows) and any(r["pareto_expected"] == "1" for r in rows)
 
     png = (out / "valid_sweep_pareto.png").read_bytes()

@@ -120,7 +120,11 @@ def run_evaluation(models, task, cfg, subset: Optional[str] = None, snli_mode: s
     use_cuda = next(model.parameters()).is_cuda
     beam = cfg.generation.beam
     is_snli = hasattr(task, "score_answers")
-    stats = ExitStatistics.for_model(model, image_size=task.cfg.patch_image_size, beam=1 if is_snli else beam)
+    # The FLOP model describes generation; SNLI-VE scoring (one teacher-forced pass over prompt and
+    # candidates) is reported by layer counts and wall-clock only.
+    scoring = is_snli and snli_mode == "score"
+    stats = ExitStatistics.for_model(model, image_size=None if scoring else task.cfg.patch_image_size,
+                                     beam=1 if is_snli else beam)
     generator = None
     if not is_snli or snli_mode == "generate":
         generator = task.build_generator(models, cfg.generation)

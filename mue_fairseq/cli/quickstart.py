@@ -116,14 +116,14 @@ def full_depth() -> Dict:
 
 def row(name: str, task: str, result, stats, base_seconds: float) -> Dict:
     summary = stats.summary()
-    flops = (summary.get("time_reduction_flops") or {}).get("total", {})
+    flops = summary.get("time_reduction_flops") or {}
     return {
         "task": task, "setting": name, "quality": result.quality(),
         "metric": "accuracy" if "accuracy" in result.scores else "CIDEr-D",
         "image_layers": summary["mean_exit_layers"]["image"], "text_layers": summary["mean_exit_layers"]["text"],
         "decoder_layers": summary["mean_exit_layers"]["decoder"],
         "expected_reduction_layers": summary["time_reduction_layers"]["combined"],
-        "expected_reduction_flops": flops.get("reduction") if isinstance(flops, dict) else None,
+        "expected_reduction_flops": flops.get("reduction"),
         "seconds": result.seconds, "speedup": base_seconds / result.seconds if result.seconds else float("nan"),
     }
 
