@@ -14,9 +14,9 @@ from fairseq.modules import FairseqDropout, LayerNorm
 from torch import Tensor, nn
 
 from .attention import IncrementalState
-from .encoder import EncoderOut, OFAEmbedding, PositionBiasMixin
+from .encoder import EncoderOut, PositionBiasMixin
 from .layers import OFADecoderLayer
-from .position import decoder_code_position_ids, image_relative_buckets, token_relative_buckets
+from .position import decoder_code_position_ids
 
 
 class OFADecoder(PositionBiasMixin, FairseqIncrementalDecoder):
@@ -42,11 +42,7 @@ class OFADecoder(PositionBiasMixin, FairseqIncrementalDecoder):
         self.code_layernorm_embedding = (
             LayerNorm(embed_dim) if getattr(args, "code_layernorm_embedding", False) else None
         )
-        self.embed_positions = OFAEmbedding(args.max_target_positions + 2, embed_dim)
-        self.embed_image_positions = OFAEmbedding(args.image_bucket_size ** 2 + 1, embed_dim)
-        self.pos_ln = LayerNorm(embed_dim)
-        self.image_pos_ln = LayerNorm(embed_dim)
-        self.pos_scaling = float(embed_dim / self.num_attention_heads * args.attn_scale_factor) ** -0.5
+        self._build_position_embeddings(args, embed_dim, args.max_target_positions)
         self.self_pos_q_linear = nn.Linear(embed_dim, embed_dim)
         self.self_pos_k_linear = nn.Linear(embed_dim, embed_dim)
         self.cross_pos_q_linear = nn.Linear(embed_dim, embed_dim)
@@ -63,16 +59,7 @@ class OFADecoder(PositionBiasMixin, FairseqIncrementalDecoder):
         else:
             nn.init.normal_(self.output_projection.weight, mean=0, std=embed_dim ** -0.5)
 
-        heads = self.num_attention_heads
-        image_ids = (2 * args.image_bucket_size - 1) ** 2 + 3
-        self.token_rel_pos_table_list = nn.ModuleList(
-            [OFAEmbedding(2 * args.token_bucket_size - 1, heads, zero_init=True) for _ in self.layers]
-        )
-        self.image_rel_pos_table_list = nn.ModuleList(
-            [OFAEmbedding(image_ids, heads, zero_init=True) for _ in self.layers]
-        )
-        self.register_buffer("token_rp_bucket", token_relative_buckets(args.token_bucket_size))
-        self.register_buffer("image_rp_bucket", image_relative_buckets(args.image_bucket_size))
+        self._build_relative_tables(args, self.num_layers)
         self.register_buffer(
             "image_position_idx", decoder_code_position_ids(args.code_image_size, args.image_bucket_size)
         )

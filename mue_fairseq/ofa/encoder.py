@@ -32,7 +32,30 @@ def OFAEmbedding(num_embeddings: int, embedding_dim: int, padding_idx: Optional[
 
 
 class PositionBiasMixin:
-    """Absolute position bias q(P_i)·k(P_j) scaled like attention (OFA's `pos_scaling`)."""
+    """Position embeddings and biases shared by OFA's encoder and decoder.
+
+    Absolute bias q(P_i)·k(P_j) is scaled like attention (OFA's `pos_scaling`); relative biases
+    come from per-layer tables indexed by the saved `*_rp_bucket` buffers.
+    """
+
+    def _build_position_embeddings(self, args, embed_dim: int, max_positions: int) -> None:
+        self.embed_positions = OFAEmbedding(max_positions + 2, embed_dim)
+        self.embed_image_positions = OFAEmbedding(args.image_bucket_size ** 2 + 1, embed_dim)
+        self.pos_ln = LayerNorm(embed_dim)
+        self.image_pos_ln = LayerNorm(embed_dim)
+        self.pos_scaling = float(embed_dim / self.num_attention_heads * args.attn_scale_factor) ** -0.5
+
+    def _build_relative_tables(self, args, num_layers: int) -> None:
+        heads = self.num_attention_heads
+        image_ids = (2 * args.image_bucket_size - 1) ** 2 + 3
+        self.token_rel_pos_table_list = nn.ModuleList(
+            [OFAEmbedding(2 * args.token_bucket_size - 1, heads, zero_init=True) for _ in range(num_layers)]
+        )
+        self.image_rel_pos_table_list = nn.ModuleList(
+            [OFAEmbedding(image_ids, heads, zero_init=True) for _ in range(num_layers)]
+        )
+        self.register_buffer("token_rp_bucket", token_relative_buckets(args.token_bucket_size))
+        self.register_buffer("image_rp_bucket", image_relative_buckets(args.image_bucket_size))
 
     def _pair_bias(self, q_linear: nn.Linear, k_linear: nn.Linear, query_pos: Tensor, key_pos: Tensor) -> Tensor:
         """(B x Tq x C), (B x Tk x C) -> (B x H x Tq x Tk)."""
@@ -77,11 +100,7 @@ class OFAEncoder(PositionBiasMixin, FairseqEncoder):
             LayerNorm(embed_dim) if getattr(args, "patch_layernorm_embedding", False) else None
         )
 
-        self.embed_positions = OFAEmbedding(args.max_source_positions + 2, embed_dim)
-        self.embed_image_positions = OFAEmbedding(args.image_bucket_size ** 2 + 1, embed_dim)
-        self.pos_ln = LayerNorm(embed_dim)
-        self.image_pos_ln = LayerNorm(embed_dim)
-        self.pos_scaling = float(embed_dim / self.num_attention_heads * args.attn_scale_factor) ** -0.5
+        self._build_position_embeddings(args, embed_dim, args.max_source_positions)
         self.pos_q_linear = nn.Linear(embed_dim, embed_dim)
         self.pos_k_linear = nn.Linear(embed_dim, embed_dim)
 
@@ -90,16 +109,7 @@ class OFAEncoder(PositionBiasMixin, FairseqEncoder):
         self.num_layers = len(self.layers)
         self.layer_norm = LayerNorm(embed_dim) if args.encoder_normalize_before else None
 
-        heads = self.num_attention_heads
-        image_ids = (2 * args.image_bucket_size - 1) ** 2 + 3
-        self.token_rel_pos_table_list = nn.ModuleList(
-            [OFAEmbedding(2 * args.token_bucket_size - 1, heads, zero_init=True) for _ in self.layers]
-        )
-        self.image_rel_pos_table_list = nn.ModuleList(
-            [OFAEmbedding(image_ids, heads, zero_init=True) for _ in self.layers]
-        )
-        self.register_buffer("token_rp_bucket", token_relative_buckets(args.token_bucket_size))
-        self.register_buffer("image_rp_bucket", image_relative_buckets(args.image_bucket_size))
+        self._build_relative_tables(args, self.num_layers)
 
     # ----------------------------------------------------------------- embeddings
     def embed_image_patches(
