@@ -13,11 +13,9 @@ echo "[setup] creating $venv (first run builds fairseq's extensions: about 3 min
 python3.11 -m venv "$venv" 2>/dev/null || python3 -m venv "$venv"
 pip=("$venv/bin/python" -m pip --disable-pip-version-check)
 "${pip[@]}" install -q -c "$root/constraints.txt" torch numpy cython wheel setuptools
-# fairseq-fixed's own requirements except torchaudio (never imported by this project), then
-# fairseq-fixed itself, last, without dependency resolution.
+"${pip[@]}" install -q --no-cache-dir --no-build-isolation --no-deps -c "$root/constraints.txt" fairseq-fixed
 "${pip[@]}" install -q -c "$root/constraints.txt" hydra-core omegaconf regex sacrebleu bitarray cffi tqdm \
   packaging scikit-learn pillow pycocoevalcap matplotlib pytest
-"${pip[@]}" install -q --no-cache-dir --no-build-isolation --no-deps -c "$root/constraints.txt" fairseq-fixed
 "${pip[@]}" install -q --no-deps --no-build-isolation -e "$root"
 touch "$stamp"
 echo "[setup] done: $venv" >&2
