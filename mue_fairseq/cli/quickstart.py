@@ -50,7 +50,7 @@ TASKS = {
         "eval_args": ["--beam", "2", "--max-len-b", "16", "--no-repeat-ngram-size", "3"],
         "target": 0.96,
         "settings": [
-            {"mue_image_threshold": 0.97, "mue_text_threshold": 0.97, "mue_decoder_threshold": 0.97},
+            {"mue_image_threshold": 0.9, "mue_text_threshold": 0.9, "mue_decoder_threshold": 1.0},
             {"mue_image_threshold": 0.9, "mue_text_threshold": 0.9, "mue_decoder_threshold": 0.9},
         ],
     },
@@ -86,9 +86,12 @@ def train(task: str, data_dir: Path, save_dir: Path, updates: int, batch_size: i
     return checkpoint
 
 
-def evaluate(models, task, cfg, settings: Dict, subset: str):
+def evaluate(models, task, cfg, settings: Dict, subset: str, data_file: Path):
+    """Evaluate `data_file` (named `subset`) with these exit settings."""
     from mue_fairseq.cli.evaluate import run_evaluation
 
+    # As in OFA, every split but train reads the last --data file: point it at this split's file.
+    task.cfg.data = str(data_file)
     models[0].set_exit_options(**settings)
     result, stats = run_evaluation(models, task, cfg, subset=subset, progress=False)
     return result, stats
@@ -102,7 +105,7 @@ def load(task: str, checkpoint: Path, data_dir: Path, bpe_dir: str, batch_size: 
     spec = TASKS[task]
     parser = options.get_generation_parser()
     add_mue_arguments(parser)
-    data = ",".join(str(data_dir / name) for name in spec["files"][1:])
+    data = str(data_dir / spec["files"][1])
     argv = [data, "--path", str(checkpoint), "--user-dir", str(REPO / "mue_fairseq"), "--task", task,
             "--batch-size", str(batch_size), "--cpu", "--log-format", "none", "--num-workers", "0",
             "--model-overrides", json.dumps({"bpe_dir": bpe_dir}), *spec["eval_args"]]
@@ -129,13 +132,13 @@ def row(name: str, task: str, result, stats, base_seconds: float) -> Dict:
 
 
 def print_table(rows: List[Dict]) -> str:
-    header = (f"{'task':8} {'setting':34} {'quality':>8} {'img':>4} {'txt':>4} {'dec':>4} "
+    header = (f"{'task':8} {'setting':48} {'quality':>8} {'img':>4} {'txt':>4} {'dec':>4} "
               f"{'E[time] layers':>14} {'E[time] FLOPs':>13} {'measured s':>10} {'speed-up':>8}")
     lines = [header, "-" * len(header)]
     for r in rows:
         flops = "n/a" if r["expected_reduction_flops"] is None else f"{-100 * r['expected_reduction_flops']:+.1f}%"
         lines.append(
-            f"{r['task']:8} {r['setting']:34} {r['quality']:8.2f} {r['image_layers']:4.1f} {r['text_layers']:4.1f} "
+            f"{r['task']:8} {r['setting']:48} {r['quality']:8.2f} {r['image_layers']:4.1f} {r['text_layers']:4.1f} "
             f"{r['decoder_layers']:4.1f} {-100 * r['expected_reduction_layers']:+13.1f}% {flops:>13} "
             f"{r['seconds']:10.2f} {r['speedup']:7.2f}x"
         )
@@ -157,23 +160,29 @@ def run_task(task: str, work: Path, data_dir: Path, bpe_dir: str, updates: int, 
     models, task_obj, cfg = load(task, checkpoint, data_dir, bpe_dir, batch_size)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     spec = TASKS[task]
-    base, _ = evaluate(models, task_obj, cfg, full_depth(), "valid")
-    chosen, chosen_seconds = None, base.seconds
+    valid_file, test_file = (data_dir / name for name in spec["files"][1:])
+    base, _ = evaluate(models, task_obj, cfg, full_depth(), "valid", valid_file)
+    chosen, chosen_seconds, best_quality = None, base.seconds, None
     for settings in spec["settings"]:
-        result, _ = evaluate(models, task_obj, cfg, settings, "valid")
+        result, _ = evaluate(models, task_obj, cfg, settings, "valid", valid_file)
         keeps = result.quality() >= spec["target"] * base.quality()
         logger.info("%s valid: %s quality %.2f (full %.2f), %.2f s (full %.2f s)%s", task, describe(settings),
                     result.quality(), base.quality(), result.seconds, base.seconds, "" if keeps else " - below target")
         if keeps and result.seconds < chosen_seconds:
             chosen, chosen_seconds = settings, result.seconds
+        if best_quality is None or result.quality() > best_quality[0]:
+            best_quality = (result.quality(), settings)
     rows = []
-    full_result, full_stats = evaluate(models, task_obj, cfg, full_depth(), "test")
+    full_result, full_stats = evaluate(models, task_obj, cfg, full_depth(), "test", test_file)
     rows.append(row(describe(full_depth()), task, full_result, full_stats, full_result.seconds))
+    name_suffix = ""
     if chosen is None:
-        logger.warning("%s: no MuE setting kept %.0f%% of full-depth quality on valid", task, 100 * spec["target"])
-    else:
-        result, stats = evaluate(models, task_obj, cfg, chosen, "test")
-        rows.append(row(describe(chosen), task, result, stats, full_result.seconds))
+        # Still show the trade-off: the best-quality setting, marked as missing the target.
+        logger.warning("%s: no MuE setting kept %.0f%% of full-depth quality on valid; showing the best one",
+                       task, 100 * spec["target"])
+        chosen, name_suffix = best_quality[1], " (below target)"
+    result, stats = evaluate(models, task_obj, cfg, chosen, "test", test_file)
+    rows.append(row(describe(chosen) + name_suffix, task, result, stats, full_result.seconds))
     return rows
 
 
