@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Dict, List
 
 logger = logging.getLogger("mue_fairseq.quickstart")
+TIMED_PASSES = 2
 REPO = Path(__file__).resolve().parents[2]
 
 # A model small enough to train in minutes on two CPU cores, deep enough for exits to matter.
@@ -93,8 +94,9 @@ def evaluate(models, task, cfg, settings: Dict, subset: str, data_file: Path):
     # As in OFA, every split but train reads the last --data file: point it at this split's file.
     task.cfg.data = str(data_file)
     models[0].set_exit_options(**settings)
-    result, stats = run_evaluation(models, task, cfg, subset=subset, progress=False)
-    return result, stats
+    # Two timed passes, the faster kept: a shared 2-core machine makes single timings noisy.
+    runs = [run_evaluation(models, task, cfg, subset=subset, progress=False) for _ in range(TIMED_PASSES)]
+    return min(runs, key=lambda run: run[0].seconds)
 
 
 def load(task: str, checkpoint: Path, data_dir: Path, bpe_dir: str, batch_size: int):
@@ -162,13 +164,13 @@ def run_task(task: str, work: Path, data_dir: Path, bpe_dir: str, updates: int, 
     spec = TASKS[task]
     valid_file, test_file = (data_dir / name for name in spec["files"][1:])
     base, _ = evaluate(models, task_obj, cfg, full_depth(), "valid", valid_file)
-    chosen, chosen_seconds, best_quality = None, base.seconds, None
+    chosen, chosen_seconds, best_quality = None, float("inf"), None
     for settings in spec["settings"]:
         result, _ = evaluate(models, task_obj, cfg, settings, "valid", valid_file)
         keeps = result.quality() >= spec["target"] * base.quality()
         logger.info("%s valid: %s quality %.2f (full %.2f), %.2f s (full %.2f s)%s", task, describe(settings),
                     result.quality(), base.quality(), result.seconds, base.seconds, "" if keeps else " - below target")
-        if keeps and result.seconds < chosen_seconds:
+        if keeps and result.seconds < chosen_seconds:  # the fastest setting that keeps the target
             chosen, chosen_seconds = settings, result.seconds
         if best_quality is None or result.quality() > best_quality[0]:
             best_quality = (result.quality(), settings)
@@ -207,7 +209,7 @@ def main(argv=None):
     work = Path(args.work_dir)
     data_dir = work / "data"
     if not (data_dir / "synthetic_task_info.json").exists():
-        build_synthetic_task(data_dir, seed=1, num_train=args.num_train, num_valid=100, num_test=200)
+        build_synthetic_task(data_dir, seed=1, num_train=args.num_train, num_valid=200, num_test=200)
     rows = []
     for task in args.tasks.split(","):
         rows += run_task(task, work, data_dir, args.bpe_dir, args.updates, args.batch_size)

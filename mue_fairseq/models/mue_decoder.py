@@ -285,15 +285,15 @@ class MuEDecoder(OFADecoder):
         out = x.clone()
         going = torch.arange(rows_total, device=device)
         h = x
+        # Inputs of the rows still going; re-gathered only after some rows stop.
+        pad, enc_rows, enc_padding_rows, cross_bias_rows = padding, enc, enc_padding, cross_bias
         for idx, layer in enumerate(self.layers):
-            pad = padding.index_select(0, going)
             state, _, _ = layer(
-                h, enc.index_select(1, going),
-                enc_padding.index_select(0, going) if enc_padding is not None else None,
+                h, enc_rows, enc_padding_rows,
                 self_attn_mask=causal,
                 self_attn_padding_mask=pad if bool(pad.any()) else None,
                 self_attn_bias=self_bias + self.token_relative_bias(tgt_len, idx).unsqueeze(0),
-                cross_attn_bias=cross_bias.index_select(0, going),
+                cross_attn_bias=cross_bias_rows,
             )
             if idx == self.num_layers - 1:
                 h = state
@@ -311,6 +311,9 @@ class MuEDecoder(OFADecoder):
                 going, h = going[staying], state.index_select(1, staying)
                 if going.numel() == 0:
                     break
+                pad, enc_rows = padding.index_select(0, going), enc.index_select(1, going)
+                enc_padding_rows = enc_padding.index_select(0, going) if enc_padding is not None else None
+                cross_bias_rows = cross_bias.index_select(0, going)
             else:
                 h = state
         if going.numel():
