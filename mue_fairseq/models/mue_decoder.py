@@ -287,11 +287,12 @@ class MuEDecoder(OFADecoder):
         h = x
         # Inputs of the rows still going; re-gathered only after some rows stop.
         pad, enc_rows, enc_padding_rows, cross_bias_rows = padding, enc, enc_padding, cross_bias
+        self_padding = pad if bool(pad.any()) else None
         for idx, layer in enumerate(self.layers):
             state, _, _ = layer(
                 h, enc_rows, enc_padding_rows,
                 self_attn_mask=causal,
-                self_attn_padding_mask=pad if bool(pad.any()) else None,
+                self_attn_padding_mask=self_padding,
                 self_attn_bias=self_bias + self.token_relative_bias(tgt_len, idx).unsqueeze(0),
                 cross_attn_bias=cross_bias_rows,
             )
@@ -312,6 +313,7 @@ class MuEDecoder(OFADecoder):
                 if going.numel() == 0:
                     break
                 pad, enc_rows = padding.index_select(0, going), enc.index_select(1, going)
+                self_padding = pad if bool(pad.any()) else None
                 enc_padding_rows = enc_padding.index_select(0, going) if enc_padding is not None else None
                 cross_bias_rows = cross_bias.index_select(0, going)
             else:

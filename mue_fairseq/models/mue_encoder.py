@@ -48,10 +48,11 @@ class MuEEncoder(OFAEncoder):
             rows = active.nonzero().squeeze(1)
             out = x.clone()
         h, pad = x.index_select(1, rows) if out is not None else x, padding.index_select(0, rows)
+        key_padding = pad if bool(pad.any()) else None  # re-checked only when the batch shrinks
         for idx, layer in enumerate(self.layers):
             if rows.numel() == 0:
                 break
-            new = layer(h, pad if bool(pad.any()) else None, layer_bias(idx))
+            new = layer(h, key_padding, layer_bias(idx))
             if states is not None:
                 snapshot = (x if out is None else out).clone()
                 snapshot[:, rows] = new
@@ -66,6 +67,7 @@ class MuEEncoder(OFAEncoder):
             out[:, rows[stopped]] = new.index_select(1, stopped)
             exit_layers[rows[stopped]] = idx + 1
             rows, h, pad = rows[going], new.index_select(1, going), pad.index_select(0, going)
+            key_padding = pad if bool(pad.any()) else None
         if out is None:
             return h, exit_layers
         if rows.numel():
