@@ -289,3 +289,16 @@ def test_patience_needs_that_many_agreeing_layers(models):
         mue.set_exit_options(mue_exit_policy="similarity", mue_patience=0)
     # The first layer has no predecessor to agree with: patience 1 stops at layer 2 at the earliest.
     assert mue.decoder.exit_record(state).ge(2).all()
+
+
+def test_all_hiddens_cover_every_layer_when_streams_stop_early(models):
+    _, mue, dictionary = models
+    mue.set_exit_options(mue_encoder_mode="decomposed", mue_image_threshold=0.0, mue_text_threshold=0.0)
+    sample = tiny_batch(dictionary, batch=2)
+    with torch.no_grad():
+        out = mue.encoder(**sample["net_input"], return_all_hiddens=True)
+    states = out["encoder_states"]
+    assert len(states) == mue.encoder.num_layers + 1
+    assert out["exit_layers"][0].eq(1).all()
+    # Stopped after layer 1: the later states repeat it.
+    assert all(torch.equal(states[1], later) for later in states[2:])

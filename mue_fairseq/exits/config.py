@@ -1,7 +1,6 @@
 """MuE options: where and how the encoder streams and decoder tokens may stop early."""
 import argparse
 from dataclasses import dataclass, field, fields
-from typing import Optional
 
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 

@@ -4,7 +4,6 @@ MuE decides from the similarity of consecutive layer states; the baselines of th
 comparison decide from fixed depths (static), or from each layer's own prediction through the
 shared output head: entropy (DeeBERT), softmax confidence (CALM) and patience (PABEE).
 """
-import math
 from typing import Callable, Optional
 
 import torch
@@ -95,7 +94,3 @@ class TokenExitDecider:
         self._previous_argmax[rows] = argmax
         return self._agreements[rows] >= self.cfg.mue_patience
 
-
-def max_entropy(vocab_size: int) -> float:
-    """Entropy of the uniform distribution, an upper bound for --mue-entropy-threshold sweeps."""
-    return math.log(vocab_size)

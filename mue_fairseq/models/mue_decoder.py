@@ -16,7 +16,7 @@ Cross-attention keys/values stay each layer's own (computed for all rows on firs
 The layers run per step, per row, are recorded in the incremental state ("exit_layers",
 rows x steps) and follow beam reordering.
 """
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Optional
 
 import torch
 from torch import Tensor

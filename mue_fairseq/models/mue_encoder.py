@@ -14,7 +14,6 @@ from torch import Tensor
 
 from mue_fairseq.exits.config import MuEConfig
 from mue_fairseq.exits.policies import StreamExitDecider
-from mue_fairseq.exits.similarity import stream_cosine
 from mue_fairseq.ofa.encoder import EncoderOut, OFAEncoder
 
 
@@ -69,9 +68,12 @@ class MuEEncoder(OFAEncoder):
             rows, h, pad = rows[going], new.index_select(1, going), pad.index_select(0, going)
             key_padding = pad if bool(pad.any()) else None
         if out is None:
-            return h, exit_layers
-        if rows.numel():
+            out = h
+        elif rows.numel():
             out[:, rows] = h
+        if states is not None:
+            # A stream whose samples all stopped early keeps its final state for the layers left.
+            states.extend(out.clone() for _ in range(self.num_layers - len(states)))
         return out, exit_layers
 
     def forward(
@@ -157,20 +159,3 @@ class MuEEncoder(OFAEncoder):
             "exit_layers": [torch.stack([image_layers, text_layers], dim=1)],
         }
 
-
-def image_text_similarity_trace(encoder: MuEEncoder, src_tokens: Tensor, patch_images: Tensor,
-                                patch_masks: Optional[Tensor] = None, **unused) -> Tensor:
-    """(B x L x 2) cosine of each layer with its input, image and text stream, at full depth.
-
-    What the exit thresholds are compared with; used for calibration and plots.
-    """
-    out = encoder(src_tokens, patch_images=patch_images, patch_masks=patch_masks, return_all_hiddens=True)
-    padding = out["encoder_padding_mask"][0]
-    states = out["encoder_states"]
-    num_patches = padding.size(1) - src_tokens.size(1)
-    traces = []
-    for old, new in zip(states[:-1], states[1:]):
-        image = stream_cosine(new[:num_patches], old[:num_patches], padding[:, :num_patches])
-        text = stream_cosine(new[num_patches:], old[num_patches:], padding[:, num_patches:])
-        traces.append(torch.stack([image, text], dim=1))
-    return torch.stack(traces, dim=1)
