@@ -3,7 +3,7 @@
 # Sets:
 #   repo            the repository root
 #   shared_dir      $shared_dir, else <repo>/../shared (OFA's BPE files are in its ofa_bpe/)
-#   PYTHON          $PYTHON, else <repo>/.venv/bin/python when it exists, else python3
+#   PYTHON          $PYTHON, else $MUE_VENV/bin/python (default <repo>/.venv) when it exists, else python3
 #   n_gpu           GPUs that nvidia-smi lists (restricted to CUDA_VISIBLE_DEVICES when set)
 #   nproc           processes: $NPROC, else one per GPU, else 1 (CPU)
 #   device_kind     GPU or CPU
@@ -16,7 +16,8 @@ repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 shared_dir=${shared_dir:-$(cd "${repo}/.." && pwd)/shared}
 
 if [ -z "${PYTHON:-}" ]; then
-  if [ -x "${repo}/.venv/bin/python" ]; then PYTHON="${repo}/.venv/bin/python"; else PYTHON=python3; fi
+  venv_python="${MUE_VENV:-${repo}/.venv}/bin/python"
+  if [ -x "${venv_python}" ]; then PYTHON="${venv_python}"; else PYTHON=python3; fi
 fi
 
 n_gpu=0

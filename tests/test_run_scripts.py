@@ -6,6 +6,7 @@ import os
 import shlex
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -159,7 +160,7 @@ def snli(tmp_path_factory):
 
 def test_snli_ve_sweep_then_evaluate_scripts(snli, tmp_path):
     common = {"data": str(snli.split("valid")), "path": str(snli.checkpoint), "bpe_dir": snli.bpe_dir,
-              "batch_size": "4", "PATH": no_gpu_path(tmp_path)}
+              "batch_size": "4", "PATH": no_gpu_path(tmp_path), "PYTHON": sys.executable}
     sweep_dir = tmp_path / "sweep"
     run = run_script(SCRIPTS / "snli_ve" / "sweep_snli_ve_mue.sh",
                      {**common, "result_path": str(sweep_dir), "image_thresholds": "1,0.3", "text_thresholds": "1",
