@@ -139,19 +139,14 @@ def run_evaluation(models, task, cfg, subset: Optional[str] = None, snli_mode: s
             _synchronize()
             start = time.perf_counter()
             if is_snli and snli_mode == "score":
-                encoder_out = model.encoder(**{k: v for k, v in sample["net_input"].items() if k != "prev_output_tokens"})
-                decoder_layers: List[torch.Tensor] = []
-                scores = task.score_answers(model, sample, encoder_out=encoder_out, decoder_exit_layers=decoder_layers)
+                answers, image_layers, text_layers, decoder_layers = task.answer_with_exits(model, sample)
                 _synchronize()
                 elapsed = time.perf_counter() - start
-                answers = [task.index2ans[i] for i in scores.argmax(dim=1).tolist()]
-                encoder_layers = encoder_out.get("exit_layers", [None])[0]
                 width = int(sample["net_input"]["src_tokens"].size(1))
                 for row, sample_id in enumerate(ids):
-                    image_layers, text_layers = (encoder_layers[row].tolist() if encoder_layers is not None
-                                                 else (stats.encoder_layers, stats.encoder_layers))
-                    layers = [int(decoder_layers[0][row])] if decoder_layers else [stats.decoder_layers]
-                    stats.add_sample(sample_id, image_layers, text_layers, layers, width, len(ids))
+                    # One decoder depth per sample (its candidates stop together): the first pass's.
+                    stats.add_sample(sample_id, image_layers[row], text_layers[row], decoder_layers[row][:1], width,
+                                     len(ids))
             else:
                 hypos = task.inference_step(generator, models, sample)
                 _synchronize()

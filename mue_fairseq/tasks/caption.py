@@ -3,7 +3,9 @@
 Validation generates a caption per image with ``--eval-args`` (decoding starts
 from bos), strips punctuation from hypotheses and references (the ``&&``-joined
 targets of non-train rows) and logs ``_cider_score_sum``/``_cider_cnt`` and
-sacrebleu's counts, reduced to ``cider`` and ``bleu`` as OFA does.
+sacrebleu's counts, reduced to ``cider`` and ``bleu`` as OFA does. A MuE model with exits is
+scored at full depth under those names and with its exits as ``cider_mue`` / ``bleu_mue``, with
+exit statistics (see `exit_validation`).
 """
 
 import json
@@ -19,6 +21,7 @@ from fairseq.tasks import register_task
 
 from mue_fairseq.data.caption_dataset import REFERENCE_SEPARATOR, CaptionDataset, strip_punctuation
 from mue_fairseq.data.ofa_bpe import decode_tokens
+from mue_fairseq.tasks.exit_validation import exit_logging, full_depth, has_exits, reduce_exit_metrics, timed
 from mue_fairseq.tasks.ofa_task import OFAConfig, OFATask, ratio_of_meters, sum_logs
 
 logger = logging.getLogger(__name__)
@@ -117,7 +120,10 @@ class CaptionTask(OFATask):
 
     def inference_captions(self, generator, sample, model) -> Tuple[List[str], List[List[str]]]:
         """Best hypothesis and references of each sample, without punctuation."""
-        gen_out = self.inference_step(generator, [model], sample)
+        return self.captions_of(self.inference_step(generator, [model], sample), sample)
+
+    def captions_of(self, gen_out, sample) -> Tuple[List[str], List[List[str]]]:
+        """Best hypothesis and references of each sample of a generated batch, without punctuation."""
         hyps, refs = [], []
         for i, hypos in enumerate(gen_out):
             # Distinct unknown markers keep <unk> from matching between hypothesis and reference.
@@ -138,34 +144,54 @@ class CaptionTask(OFATask):
         return np.asarray(scores, dtype=np.float64)
 
     def valid_step(self, sample, model, criterion):
-        loss, sample_size, logging_output = super().valid_step(sample, model, criterion)
-        if not (self.cfg.eval_bleu or self.cfg.eval_cider):
-            return loss, sample_size, logging_output
-        model.eval()
-        hyps, refs = self.inference_captions(self.sequence_generator, sample, model)
+        with full_depth(model):
+            loss, sample_size, logging_output = super().valid_step(sample, model, criterion)
+            if not (self.cfg.eval_bleu or self.cfg.eval_cider):
+                return loss, sample_size, logging_output
+            model.eval()
+            gen_out, seconds_full = timed(self.inference_step, self.sequence_generator, [model], sample)
+        logging_output.update(self._quality_logging(*self.captions_of(gen_out, sample), ""))
+        if has_exits(model):
+            gen_out, seconds_exit = timed(self.inference_step, self.sequence_generator, [model], sample)
+            logging_output.update(self._quality_logging(*self.captions_of(gen_out, sample), "_mue"))
+            best = [hypos[0] for hypos in gen_out]
+            image, text = zip(*(h["encoder_exit_layers"].tolist() for h in best))
+            decoder = [h["exit_layers"].tolist() for h in best]
+            logging_output.update(exit_logging(model, image, text, decoder, seconds_full, seconds_exit))
+        return loss, sample_size, logging_output
+
+    def _quality_logging(self, hyps: Sequence[str], refs: Sequence[Sequence[str]], suffix: str) -> Dict[str, float]:
+        """BLEU statistics and CIDEr sums of a batch, keys ending with ``suffix``."""
+        logging_output = {}
         if self.cfg.eval_bleu:
-            logging_output.update(bleu_statistics(hyps, refs, tokenized=self.cfg.eval_tokenized_bleu))
+            stats = bleu_statistics(hyps, refs, tokenized=self.cfg.eval_tokenized_bleu)
+            logging_output.update({f"{key}{suffix}": value for key, value in stats.items()})
         if self.cfg.eval_cider:
             scores = self.cider_scores(hyps, refs)
-            logging_output["_cider_score_sum"] = float(scores.sum())
-            logging_output["_cider_cnt"] = int(scores.size)
-        return loss, sample_size, logging_output
+            logging_output[f"_cider_score_sum{suffix}"] = float(scores.sum())
+            logging_output[f"_cider_cnt{suffix}"] = int(scores.size)
+        return logging_output
 
     def reduce_metrics(self, logging_outputs, criterion):
         super().reduce_metrics(logging_outputs, criterion)
+        for suffix in ("", "_mue"):
+            self._reduce_quality(logging_outputs, suffix)
+        reduce_exit_metrics(logging_outputs)
+
+    def _reduce_quality(self, logging_outputs, suffix: str) -> None:
         if self.cfg.eval_bleu:
-            counts = [sum_logs(logging_outputs, f"_bleu_counts_{i}") for i in range(EVAL_BLEU_ORDER)]
-            totals = [sum_logs(logging_outputs, f"_bleu_totals_{i}") for i in range(EVAL_BLEU_ORDER)]
+            counts = [sum_logs(logging_outputs, f"_bleu_counts_{i}{suffix}") for i in range(EVAL_BLEU_ORDER)]
+            totals = [sum_logs(logging_outputs, f"_bleu_totals_{i}{suffix}") for i in range(EVAL_BLEU_ORDER)]
             if max(totals) > 0:
-                metrics.log_scalar("_bleu_counts", np.array(counts))
-                metrics.log_scalar("_bleu_totals", np.array(totals))
-                metrics.log_scalar("_bleu_sys_len", sum_logs(logging_outputs, "_bleu_sys_len"))
-                metrics.log_scalar("_bleu_ref_len", sum_logs(logging_outputs, "_bleu_ref_len"))
-                metrics.log_derived("bleu", _derived_bleu)
-        if self.cfg.eval_cider and sum_logs(logging_outputs, "_cider_cnt") > 0:
-            metrics.log_scalar("_cider_score_sum", sum_logs(logging_outputs, "_cider_score_sum"))
-            metrics.log_scalar("_cider_cnt", sum_logs(logging_outputs, "_cider_cnt"))
-            metrics.log_derived("cider", _derived_cider)
+                metrics.log_scalar(f"_bleu_counts{suffix}", np.array(counts))
+                metrics.log_scalar(f"_bleu_totals{suffix}", np.array(totals))
+                metrics.log_scalar(f"_bleu_sys_len{suffix}", sum_logs(logging_outputs, f"_bleu_sys_len{suffix}"))
+                metrics.log_scalar(f"_bleu_ref_len{suffix}", sum_logs(logging_outputs, f"_bleu_ref_len{suffix}"))
+                metrics.log_derived(f"bleu{suffix}", _derived_bleu(suffix))
+        if self.cfg.eval_cider and sum_logs(logging_outputs, f"_cider_cnt{suffix}") > 0:
+            metrics.log_scalar(f"_cider_score_sum{suffix}", sum_logs(logging_outputs, f"_cider_score_sum{suffix}"))
+            metrics.log_scalar(f"_cider_cnt{suffix}", sum_logs(logging_outputs, f"_cider_cnt{suffix}"))
+            metrics.log_derived(f"cider{suffix}", _derived_cider(suffix))
 
 
 def bleu_statistics(hyps: Sequence[str], refs: Sequence[Sequence[str]], tokenized: bool = False) -> Dict[str, float]:
@@ -181,18 +207,21 @@ def bleu_statistics(hyps: Sequence[str], refs: Sequence[Sequence[str]], tokenize
     return stats
 
 
-def _derived_cider(meters) -> float:
-    return ratio_of_meters(meters, "_cider_score_sum", "_cider_cnt", 3)
+def _derived_cider(suffix: str):
+    return lambda meters: ratio_of_meters(meters, f"_cider_score_sum{suffix}", f"_cider_cnt{suffix}", 3)
 
 
-def _derived_bleu(meters) -> float:
-    from sacrebleu.metrics import BLEU
+def _derived_bleu(suffix: str):
+    def bleu(meters) -> float:
+        from sacrebleu.metrics import BLEU
 
-    bleu = BLEU.compute_bleu(
-        correct=meters["_bleu_counts"].sum,
-        total=meters["_bleu_totals"].sum,
-        sys_len=int(meters["_bleu_sys_len"].sum),
-        ref_len=int(meters["_bleu_ref_len"].sum),
-        smooth_method="exp",
-    )
-    return round(bleu.score, 2)
+        score = BLEU.compute_bleu(
+            correct=meters[f"_bleu_counts{suffix}"].sum,
+            total=meters[f"_bleu_totals{suffix}"].sum,
+            sys_len=int(meters[f"_bleu_sys_len{suffix}"].sum),
+            ref_len=int(meters[f"_bleu_ref_len{suffix}"].sum),
+            smooth_method="exp",
+        )
+        return round(score.score, 2)
+
+    return bleu

@@ -2,14 +2,15 @@
 
 The answers (keys of ``--ans2label-dict``, in order) form an answer trie that
 masks training logits (``constraint_masks``), restricts generation, and drives
-validation, which scores every answer and logs accuracy as ``snli_score``.
+validation, which scores every answer and logs accuracy as ``snli_score`` (at full depth
+for a MuE model; with its exits as ``snli_score_mue``, see `exit_validation`).
 """
 
 import json
 import os
 import pickle
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from fairseq import metrics
@@ -18,6 +19,7 @@ from fairseq.tasks import register_task
 from mue_fairseq.data.answer_trie import AnswerTrie
 from mue_fairseq.data.ofa_bpe import encode_text
 from mue_fairseq.data.snli_ve_dataset import PROMPT_TYPES, SnliVeDataset
+from mue_fairseq.tasks.exit_validation import exit_logging, full_depth, has_exits, reduce_exit_metrics, timed
 from mue_fairseq.tasks.ofa_task import OFAConfig, OFATask, ratio_of_meters, sum_logs
 from mue_fairseq.tasks.snli_ve_scoring import score_snli_ve_candidates
 
@@ -118,24 +120,57 @@ class SnliVeTask(OFATask):
 
     def predict_answers(self, model, sample) -> List[str]:
         """The best-scoring answer of each sample."""
-        return [self.index2ans[i] for i in self.score_answers(model, sample).argmax(dim=1).tolist()]
+        return self.answer_with_exits(model, sample)[0]
+
+    def answer_with_exits(self, model, sample) -> Tuple[List[str], List[int], List[int], List[List[int]]]:
+        """(answers, image layers, text layers, decoder layers) per sample: the best-scoring answer and,
+        for a MuE model, where its streams and its answer tokens stopped (full depth otherwise; image
+        layers 0 for a sample without an image is left to the model's record)."""
+        net_input = {k: v for k, v in sample["net_input"].items() if k != "prev_output_tokens"}
+        encoder_out = model.encoder(**net_input)
+        decoder_layers: List[torch.Tensor] = []
+        scores = self.score_answers(model, sample, encoder_out=encoder_out, decoder_exit_layers=decoder_layers)
+        answers = [self.index2ans[i] for i in scores.argmax(dim=1).tolist()]
+        rows = len(answers)
+        encoder_depth, decoder_depth = model.args.encoder_layers, model.args.decoder_layers
+        recorded = encoder_out.get("exit_layers") or [None]
+        if recorded[0] is not None:
+            image_layers, text_layers = (list(column) for column in zip(*recorded[0].tolist()))
+        else:
+            image_layers, text_layers = [encoder_depth] * rows, [encoder_depth] * rows
+        # Candidates of a sample stop together: one decoder depth per sample, counted per answer pass.
+        passes = [layers.tolist() for layers in decoder_layers] or [[decoder_depth] * rows]
+        per_sample = [[int(layers[row]) for layers in passes] for row in range(rows)]
+        return answers, image_layers, text_layers, per_sample
 
     def valid_step(self, sample, model, criterion):
-        loss, sample_size, logging_output = super().valid_step(sample, model, criterion)
-        model.eval()
-        hyps = self.predict_answers(model, sample)
-        scores = [ref_dict.get(hyp, 0) for ref_dict, hyp in zip(sample["ref_dict"], hyps)]
-        logging_output["_snli_score_sum"] = sum(scores)
-        logging_output["_snli_cnt"] = len(scores)
+        with full_depth(model):
+            loss, sample_size, logging_output = super().valid_step(sample, model, criterion)
+            model.eval()
+            with torch.no_grad():
+                (hyps, *_), seconds_full = timed(self.answer_with_exits, model, sample)
+        logging_output.update(self._score_logging(sample, hyps, ""))
+        if has_exits(model):
+            with torch.no_grad():
+                (hyps, image, text, decoder), seconds_exit = timed(self.answer_with_exits, model, sample)
+            logging_output.update(self._score_logging(sample, hyps, "_mue"))
+            logging_output.update(exit_logging(model, image, text, decoder, seconds_full, seconds_exit))
         return loss, sample_size, logging_output
+
+    @staticmethod
+    def _score_logging(sample, hyps: Sequence[str], suffix: str) -> Dict[str, float]:
+        scores = [ref_dict.get(hyp, 0) for ref_dict, hyp in zip(sample["ref_dict"], hyps)]
+        return {f"_snli_score{suffix}_sum": sum(scores), f"_snli{suffix}_cnt": len(scores)}
 
     def reduce_metrics(self, logging_outputs, criterion):
         super().reduce_metrics(logging_outputs, criterion)
-        if sum_logs(logging_outputs, "_snli_cnt") > 0:
-            metrics.log_scalar("_snli_score_sum", sum_logs(logging_outputs, "_snli_score_sum"))
-            metrics.log_scalar("_snli_cnt", sum_logs(logging_outputs, "_snli_cnt"))
-            metrics.log_derived("snli_score", _derived_snli_score)
+        for suffix in ("", "_mue"):
+            if sum_logs(logging_outputs, f"_snli{suffix}_cnt") > 0:
+                metrics.log_scalar(f"_snli_score{suffix}_sum", sum_logs(logging_outputs, f"_snli_score{suffix}_sum"))
+                metrics.log_scalar(f"_snli{suffix}_cnt", sum_logs(logging_outputs, f"_snli{suffix}_cnt"))
+                metrics.log_derived(f"snli_score{suffix}", _derived_snli_score(suffix))
+        reduce_exit_metrics(logging_outputs)
 
 
-def _derived_snli_score(meters) -> float:
-    return ratio_of_meters(meters, "_snli_score_sum", "_snli_cnt", 4)
+def _derived_snli_score(suffix: str):
+    return lambda meters: ratio_of_meters(meters, f"_snli_score{suffix}_sum", f"_snli{suffix}_cnt", 4)
