@@ -19,11 +19,12 @@ Examples:
 """
 import argparse
 import logging
+import os
 import platform
 import statistics
 import time
 from argparse import Namespace
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 import torch
 from fairseq.data import Dictionary
@@ -124,12 +125,13 @@ def saved_activation_bytes(model, criterion, sample) -> int:
     return total[0]
 
 
-def time_step(model, criterion, sample) -> float:
+def time_step(model, criterion, sample) -> Tuple[float, float]:
+    """(wall-clock, CPU) seconds of one step; CPU time (this process) is steadier on a shared machine."""
     model.zero_grad(set_to_none=True)
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.process_time()
     loss, _, _ = criterion(model, sample, update_num=10**6)
     loss.backward()
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - start_cpu
 
 
 def main(argv: List[str] = None) -> None:
@@ -162,13 +164,16 @@ def main(argv: List[str] = None) -> None:
     criteria = build_criteria(task, args.variants.split(","), args.label_smoothing, args.drop_worst_ratio)
 
     times: Dict[str, List[float]] = {name: [] for name in criteria}
+    cpu_times: Dict[str, List[float]] = {name: [] for name in criteria}
     saved = {name: saved_activation_bytes(model, criterion, sample) for name, criterion in criteria.items()}
     for round_index in range(args.warmup + args.rounds):
         for name, criterion in criteria.items():
             torch.manual_seed(round_index)
-            elapsed = time_step(model, criterion, sample)
+            elapsed, cpu = time_step(model, criterion, sample)
+            logging.info("round %d %s: %.3f s (CPU %.3f s)", round_index, name, elapsed, cpu)
             if round_index >= args.warmup:
                 times[name].append(elapsed)
+                cpu_times[name].append(cpu)
 
     target = sample["target"]
     n_scored = int(target.ne(PAD).sum())
@@ -179,12 +184,17 @@ def main(argv: List[str] = None) -> None:
         f"encoder layers {args.encoder_layers}, {args.resnet_type}, decoder 6 x d768, vocabulary {len(dictionary)}, "
         f"label smoothing {args.label_smoothing}, drop-worst {args.drop_worst_ratio}; {args.rounds} rounds"
     )
-    base = statistics.median(times[next(iter(criteria))])
-    print("| criterion | median step (s) | min (s) | vs OFA (median) | saved for backward (MB) |")
-    print("|---|---|---|---|---|")
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"load average (1 min) at the end: {load:.1f}")
+    first = next(iter(criteria))
+    base, base_cpu = statistics.median(times[first]), statistics.median(cpu_times[first])
+    print("| criterion | median step (s) | min (s) | vs OFA (median) | median CPU (s) | vs OFA (CPU) "
+          "| saved for backward (MB) |")
+    print("|---|---|---|---|---|---|---|")
     for name, values in times.items():
-        median = statistics.median(values)
-        print(f"| {name} | {median:.3f} | {min(values):.3f} | {median / base:.2f}x | {saved[name] / 2**20:.0f} |")
+        median, cpu = statistics.median(values), statistics.median(cpu_times[name])
+        print(f"| {name} | {median:.3f} | {min(values):.3f} | {median / base:.2f}x | {cpu:.3f} | "
+              f"{cpu / base_cpu:.2f}x | {saved[name] / 2**20:.0f} |")
 
 
 if __name__ == "__main__":

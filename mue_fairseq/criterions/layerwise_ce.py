@@ -16,8 +16,8 @@ skipped. ``--sampled-intermediate-layers K`` trades variance for time: each trai
 the last layer and K of the other weighted layers drawn uniformly without replacement, each
 reweighted by (number of candidates) / K, an unbiased estimate of the full loss and its gradient.
 Validation always scores every weighted layer. Measurements: BENCHMARKS.md (about 2x the step
-time of OFA's criterion when decoder and vocabulary dominate, 1.2x with K=1; an estimated few percent
-with OFA-Base's full encoder).
+time of OFA's criterion when decoder and vocabulary dominate, 1.2x with K=1; 1.00-1.02x measured
+with OFA-Base's whole model at 480 px, where the encoder dominates).
 
 Logged: ``loss`` and ``nll_loss`` are the weighted sums (per token), so ``--layer-weights 0,..,0,1``
 logs exactly what OFA's criterion logs; ``loss_layer{i}``, ``nll_loss_layer{i}`` and
