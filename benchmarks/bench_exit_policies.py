@@ -13,9 +13,9 @@
    size, and timed (model only, device synchronised); the full-depth reference is measured at the
    start and at the end of each batch size's sweep and the faster of the two is used, so a speed-up
    is a ratio of two times taken in the same process minutes apart.
-   Entailment runs OFA's answer generation with the trie (`--snli-mode generate`) for every
-   policy: the prediction-based policies need a prediction per decoding step, which OFA's
-   teacher-forced candidate scoring does not have.
+   Entailment uses OFA's protocol for every policy: the three answers scored in one
+   teacher-forced pass, a sample's candidates stopping together; entropy, patience and confidence
+   judge the prediction of the first answer token.
 4. Output in `--out-dir`: `exit_policies.csv` (one row per task, batch, policy and knob),
    `exit_policies_fronts.png` (quality vs measured speed-up, Pareto front per policy),
    `exit_policies.json`, and with `--markdown` the tables in BENCHMARKS.md: for each policy the
@@ -134,9 +134,7 @@ def sweep_task(task: str, work: Path, data_dir: Path, bpe_dir: str, args) -> Lis
     subset_file = first_rows(test_file, work / "exit_policies" / f"{task}_test_first{args.max_samples}.tsv",
                              args.max_samples)
     task_obj.cfg.data = str(subset_file)  # OFA reads the last --data file for every split but train
-    snli_mode = "generate" if task == "snli_ve" else "score"
-    if task == "snli_ve":
-        cfg.generation.beam = 1  # one answer token (+ eos) after the prompt: greedy, as a classifier would
+    snli_mode = "score"
     points = policy_settings(models[0].args.decoder_layers, parse_floats(args.entropies),
                              [int(v) for v in parse_floats(args.patiences)], parse_floats(args.confidences),
                              parse_floats(args.similarities))

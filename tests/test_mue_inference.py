@@ -302,3 +302,51 @@ def test_all_hiddens_cover_every_layer_when_streams_stop_early(models):
     assert out["exit_layers"][0].eq(1).all()
     # Stopped after layer 1: the later states repeat it.
     assert all(torch.equal(states[1], later) for later in states[2:])
+
+
+@pytest.mark.parametrize("policy", ["confidence", "patience", "entropy"])
+def test_teacher_forced_prediction_policies_judge_the_named_position(models, policy):
+    """Each row stops at the first layer whose prediction at its exit position passes the rule,
+    as computed from the full-depth layer states; rows of a group stop when all of them pass."""
+    _, mue, dictionary = models
+    sample = tiny_batch(dictionary, batch=2)
+    order = torch.tensor([0, 0, 1, 1])
+    prev = torch.randint(4, len(dictionary), (4, 6), generator=torch.Generator().manual_seed(3))
+    positions = torch.tensor([2, 4, 1, 5])
+    mue.set_exit_options(mue_image_threshold=1.0, mue_text_threshold=1.0, mue_decoder_threshold=1.0,
+                         mue_exit_policy="static", mue_static_decoder_layers=0)
+    with torch.no_grad():
+        encoder_out = mue.encoder.reorder_encoder_out(mue.encoder(**sample["net_input"]), order)
+        _, full = mue.decoder(prev, encoder_out=encoder_out, features_only=True, return_all_hiddens=True)
+        layer_states = full["inner_states"][1:]  # T x rows x C after each layer
+        probs = torch.stack([mue.decoder.predict(s[positions, torch.arange(4)]).float().softmax(-1)
+                             for s in layer_states])  # layers x rows x V
+    top = probs.max(-1)
+    entropy = -(probs * probs.clamp_min(1e-30).log()).sum(-1)
+    # Thresholds that let one group pass at layer 1 (by a margin), so depths differ between groups.
+    if policy == "confidence":
+        value = float(top.values[0, order.eq(0)].min()) - 1e-4
+        passes = top.values >= value
+        options = dict(mue_confidence_threshold=value)
+    elif policy == "entropy":
+        value = float(entropy[0, order.eq(1)].max()) + 1e-4
+        passes = entropy <= value
+        options = dict(mue_entropy_threshold=value)
+    else:
+        passes = torch.zeros_like(top.indices, dtype=torch.bool)
+        passes[1:] = top.indices[1:].eq(top.indices[:-1])
+        options = dict(mue_patience=1)
+    passes[-1] = True  # the last layer always ends the row
+    # A group stops at the first layer where all of its rows pass.
+    group_passes = torch.stack([passes[:, order.eq(g)].all(dim=1) for g in order], dim=1)  # layers x rows
+    expected = group_passes.float().argmax(0) + 1
+    assert expected.unique().numel() > 1, "the groups should stop at different depths"
+    mue.set_exit_options(mue_exit_policy=policy, **options)
+    try:
+        with torch.no_grad():
+            _, extra = mue.decoder(prev, encoder_out=encoder_out, exit_groups=order, exit_positions=positions,
+                                   features_only=True)
+    finally:
+        mue.set_exit_options(mue_exit_policy="similarity", mue_confidence_threshold=1.0, mue_entropy_threshold=0.0,
+                             mue_patience=0)
+    assert extra["exit_layers"][0].tolist() == expected.tolist()

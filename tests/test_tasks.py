@@ -284,6 +284,18 @@ def test_snli_ve_generator_gets_the_answer_trie(snli_fixture):
     assert [[h["tokens"].tolist() for h in sample] for sample in hypos] == expected
 
 
+@pytest.mark.skipif(not HAS_GENERATOR, reason="mue_fairseq.generation.sequence_generator not available")
+def test_snli_ve_generated_answers_are_the_decoded_answer_tokens(snli_fixture):
+    model, task, batch, reference = snli_fixture
+    generator = task.build_generator([model], argparse.Namespace(beam=1, max_len_b=10, min_len=1))
+    hypos = task.inference_step(generator, [model], batch)
+    assert [h[0]["tokens"].tolist() for h in hypos] == [s[0]["tokens"].tolist() for s in reference["generate_beam1"]]
+    by_tokens = {tuple(tokens.tolist()) + (task.tgt_dict.eos(),): answer
+                 for tokens, answer in zip(task.answer_tokens, task.ans2label_dict)}
+    expected = [by_tokens[tuple(s[0]["tokens"].tolist())] for s in reference["generate_beam1"]]
+    assert task.generated_answers(batch, hypos) == expected
+
+
 @pytest.fixture(scope="module")
 def caption_fixture(tmp_path_factory):
     overrides = {"eval_bleu": HAS_GENERATOR, "eval_cider": HAS_GENERATOR and HAS_CIDER,

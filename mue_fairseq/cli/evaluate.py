@@ -153,7 +153,8 @@ def run_evaluation(models, task, cfg, subset: Optional[str] = None, snli_mode: s
                 elapsed = time.perf_counter() - start
                 if "exit_layers" in hypos[0][0]:
                     stats.add_generated(sample, hypos)
-                answers = [task.decode(h[0]["tokens"]).strip() for h in hypos]
+                answers = (task.generated_answers(sample, hypos) if is_snli
+                           else [task.decode(h[0]["tokens"]).strip() for h in hypos])
             seconds += elapsed
             stats.add_wall_clock(elapsed, len(ids))
             if is_snli:

@@ -65,10 +65,14 @@ class TokenExitDecider:
             self.threshold = decoder_threshold(
                 cfg.mue_decoder_threshold, cfg.mue_decoder_beta, cfg.mue_decoder_tau, step, num_steps
             )
-        if cfg.policy == "patience":
+        self.start_rows(num_rows, device)
+        return True
+
+    def start_rows(self, num_rows: int, device) -> None:
+        """Fresh per-row state (patience counts) for `num_rows` rows."""
+        if self.cfg.policy == "patience":
             self._previous_argmax = torch.full((num_rows,), -1, dtype=torch.long, device=device)
             self._agreements = torch.zeros(num_rows, dtype=torch.long, device=device)
-        return True
 
     def __call__(self, layer_idx: int, new: Tensor, old: Tensor, rows: Tensor) -> Tensor:
         """Bool (A,) for the rows `rows` whose states after layer `layer_idx` are `new` (A x C)."""

@@ -69,11 +69,12 @@ class MuEDecoder(OFADecoder):
         alignment_layer: Optional[int] = None,
         alignment_heads: Optional[int] = None,
         exit_groups: Optional[Tensor] = None,
+        exit_positions: Optional[Tensor] = None,
     ):
         if incremental_state is not None and not self.training:
             return self._decode_step(prev_output_tokens, encoder_out, incremental_state)
         if not self.training and self.mue.decoder_exits_enabled():
-            return self._teacher_forced_with_exits(prev_output_tokens, encoder_out, exit_groups)
+            return self._teacher_forced_with_exits(prev_output_tokens, encoder_out, exit_groups, exit_positions)
         x, extra = super().extract_features(
             prev_output_tokens, code_masks, encoder_out, incremental_state,
             full_context_alignment, alignment_layer, alignment_heads,
@@ -83,15 +84,18 @@ class MuEDecoder(OFADecoder):
 
     def forward(self, prev_output_tokens, code_masks=None, encoder_out=None, incremental_state=None,
                 features_only=False, full_context_alignment=False, alignment_layer=None,
-                alignment_heads=None, src_lengths=None, return_all_hiddens=False, exit_groups=None):
+                alignment_heads=None, src_lengths=None, return_all_hiddens=False, exit_groups=None,
+                exit_positions=None):
         """OFA's decoder call; `exit_groups` (rows,) makes rows sharing an id exit together in
-        teacher-forced evaluation (the SNLI-VE candidates of one sample)."""
+        teacher-forced evaluation (the SNLI-VE candidates of one sample), and `exit_positions`
+        (rows,) names the position whose prediction the entropy, confidence and patience policies
+        judge there (default: each row's last non-pad position)."""
         if code_masks is not None and bool(code_masks.any()):
             raise NotImplementedError("image-code generation (code_masks) is not supported by mue-fairseq")
         x, extra = self.extract_features(
             prev_output_tokens, encoder_out=encoder_out, incremental_state=incremental_state,
             full_context_alignment=full_context_alignment, alignment_layer=alignment_layer,
-            alignment_heads=alignment_heads, exit_groups=exit_groups,
+            alignment_heads=alignment_heads, exit_groups=exit_groups, exit_positions=exit_positions,
         )
         if not features_only:
             x = self.output_layer(x)
@@ -256,16 +260,16 @@ class MuEDecoder(OFADecoder):
         self.set_incremental_state(incremental_state, "exit_layers", record)
 
     # ----------------------------------------------------------------- teacher-forced evaluation
-    def _teacher_forced_with_exits(self, tokens: Tensor, encoder_out: EncoderOut, exit_groups: Optional[Tensor]):
+    def _teacher_forced_with_exits(self, tokens: Tensor, encoder_out: EncoderOut, exit_groups: Optional[Tensor],
+                                   exit_positions: Optional[Tensor] = None):
         """Full-sequence pass where each group of rows (default: each row) stops at its own layer.
 
-        Only the similarity and static policies apply here; a group's decision uses the cosine
-        of all its rows' non-pad states flattened together, with the fixed threshold theta
-        (there is no decoding step to decay over).
+        Similarity: a group's decision uses the cosine of all its rows' non-pad states flattened
+        together, with the fixed threshold theta (there is no decoding step to decay over).
+        Entropy, confidence, patience: each row's prediction at its `exit_positions` entry is
+        judged; a group stops when all its rows pass.
         """
         cfg = self.mue
-        if cfg.policy not in ("similarity", "static"):
-            raise NotImplementedError(f"--mue-exit-policy {cfg.policy} applies to generation, not to scoring")
         rows_total, tgt_len = tokens.shape
         device = tokens.device
         groups = exit_groups if exit_groups is not None else torch.arange(rows_total, device=device)
@@ -281,6 +285,13 @@ class MuEDecoder(OFADecoder):
         padding = tokens.eq(self.padding_idx)
         causal = self.buffered_future_mask(x)
 
+        decider = None
+        if cfg.policy not in ("similarity", "static"):
+            decider = TokenExitDecider(cfg, self.num_layers, self.predict)
+            decider.start_rows(rows_total, device)
+            if exit_positions is None:
+                exit_positions = (~padding).sum(dim=1) - 1
+            exit_positions = exit_positions.to(device)
         exit_layers = torch.full((rows_total,), self.num_layers, dtype=torch.long, device=device)
         out = x.clone()
         going = torch.arange(rows_total, device=device)
@@ -301,6 +312,11 @@ class MuEDecoder(OFADecoder):
                 break
             if cfg.policy == "static":
                 group_done = torch.full((num_groups,), 0 < cfg.mue_static_decoder_layers <= idx + 1, device=device)
+            elif decider is not None:
+                judged = state[exit_positions[going], torch.arange(going.numel(), device=device)]
+                row_going = (~decider(idx, judged, h[0], going)).long()
+                group_done = torch.zeros(num_groups, dtype=torch.long, device=device).index_add_(
+                    0, groups[going], row_going).eq(0)
             else:
                 sims = group_cosine(state, h, pad, groups[going], num_groups)
                 group_done = sims >= cfg.mue_decoder_threshold

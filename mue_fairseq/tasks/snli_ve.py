@@ -17,7 +17,7 @@ from fairseq import metrics
 from fairseq.tasks import register_task
 
 from mue_fairseq.data.answer_trie import AnswerTrie
-from mue_fairseq.data.ofa_bpe import encode_text
+from mue_fairseq.data.ofa_bpe import decode_tokens, encode_text
 from mue_fairseq.data.snli_ve_dataset import PROMPT_TYPES, SnliVeDataset
 from mue_fairseq.tasks.exit_validation import exit_logging, full_depth, has_exits, reduce_exit_metrics, timed
 from mue_fairseq.tasks.ofa_task import OFAConfig, OFATask, ratio_of_meters, sum_logs
@@ -100,6 +100,11 @@ class SnliVeTask(OFATask):
 
     def generator_kwargs(self):
         return {"constraint_trie": self.constraint_trie}
+
+    def generated_answers(self, sample, hypos) -> List[str]:
+        """The answer text of each sample's best hypothesis (`--snli-mode generate`: OFA's generator
+        starts from bos, without the decoder prompt, and the answer trie constrains it)."""
+        return [decode_tokens(sample_hypos[0]["tokens"], self.bpe, self.tgt_dict).strip() for sample_hypos in hypos]
 
     def score_answers(self, model, sample, encoder_out=None, decoder_exit_layers=None) -> torch.Tensor:
         """B x n_answers summed answer log-probabilities (OFA's evaluation protocol).

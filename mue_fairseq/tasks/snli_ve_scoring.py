@@ -71,7 +71,8 @@ def score_snli_ve_candidates(
     ``answers_per_pass`` answers share one decoder pass (OFA's ``valid_batch_size``).
     ``encoder_out`` may be given to reuse an encoder output of this batch.
     With a MuE decoder, the candidates of a sample form one exit group (they stop at the same
-    layer, so their scores stay comparable); each pass appends the (B,) decoder layers run to
+    layer, so their scores stay comparable; entropy, confidence and patience judge the prediction of
+    the first answer token); each pass appends the (B,) decoder layers run to
     ``decoder_exit_layers`` when a list is given.
     """
     net_input = sample["net_input"]
@@ -97,7 +98,11 @@ def score_snli_ve_candidates(
         new_order = torch.arange(batch_size, device=device).repeat_interleave(len(chunk))
         repeated = model.encoder.reorder_encoder_out(encoder_out, new_order)
         if getattr(model.decoder, "supports_exits", False):
-            features, extra = model.decoder(prev_output, encoder_out=repeated, exit_groups=new_order, features_only=True)
+            # Prediction-based exits judge the prediction of the first answer token (last prompt position).
+            positions = torch.tensor([len(prompt) - 1 for prompt in sample["decoder_prompts"]], device=device)
+            features, extra = model.decoder(prev_output, encoder_out=repeated, exit_groups=new_order,
+                                            exit_positions=positions.repeat_interleave(len(chunk)),
+                                            features_only=True)
             if decoder_exit_layers is not None:
                 decoder_exit_layers.append(extra["exit_layers"][0].view(batch_size, len(chunk))[:, 0])
         else:
