@@ -19,6 +19,7 @@ rows x steps) and follow beam reordering.
 from typing import Dict, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from mue_fairseq.exits.config import MuEConfig
@@ -46,11 +47,14 @@ class MuEDecoder(OFADecoder):
         """Layers run per (row, step) so far, or None before the first step."""
         return self.get_incremental_state(incremental_state, "exit_layers")
 
-    def predict(self, states: Tensor) -> Tensor:
-        """Logits of pre-norm decoder states through the shared final norm and output head."""
+    def predict(self, states: Tensor, vocabulary: Optional[Tensor] = None) -> Tensor:
+        """Logits of pre-norm decoder states through the shared final norm and output head;
+        with `vocabulary` (token ids), only those tokens' logits (a much smaller projection)."""
         if self.layer_norm is not None:
             states = self.layer_norm(states)
-        return self.output_layer(states)
+        if vocabulary is None:
+            return self.output_layer(states)
+        return F.linear(states, self.output_projection.weight.index_select(0, vocabulary))
 
     def reorder_incremental_state(self, incremental_state: IncrementalState, new_order: Tensor):
         super().reorder_incremental_state(incremental_state, new_order)
@@ -70,11 +74,13 @@ class MuEDecoder(OFADecoder):
         alignment_heads: Optional[int] = None,
         exit_groups: Optional[Tensor] = None,
         exit_positions: Optional[Tensor] = None,
+        exit_vocabulary: Optional[Tensor] = None,
     ):
         if incremental_state is not None and not self.training:
             return self._decode_step(prev_output_tokens, encoder_out, incremental_state)
         if not self.training and self.mue.decoder_exits_enabled():
-            return self._teacher_forced_with_exits(prev_output_tokens, encoder_out, exit_groups, exit_positions)
+            return self._teacher_forced_with_exits(prev_output_tokens, encoder_out, exit_groups, exit_positions,
+                                                   exit_vocabulary)
         x, extra = super().extract_features(
             prev_output_tokens, code_masks, encoder_out, incremental_state,
             full_context_alignment, alignment_layer, alignment_heads,
@@ -85,17 +91,19 @@ class MuEDecoder(OFADecoder):
     def forward(self, prev_output_tokens, code_masks=None, encoder_out=None, incremental_state=None,
                 features_only=False, full_context_alignment=False, alignment_layer=None,
                 alignment_heads=None, src_lengths=None, return_all_hiddens=False, exit_groups=None,
-                exit_positions=None):
+                exit_positions=None, exit_vocabulary=None):
         """OFA's decoder call; `exit_groups` (rows,) makes rows sharing an id exit together in
         teacher-forced evaluation (the SNLI-VE candidates of one sample), and `exit_positions`
         (rows,) names the position whose prediction the entropy, confidence and patience policies
-        judge there (default: each row's last non-pad position)."""
+        judge there (default: each row's last non-pad position), over the tokens `exit_vocabulary`
+        (default: the whole vocabulary; SNLI-VE: the answers, as a 3-way classifier would)."""
         if code_masks is not None and bool(code_masks.any()):
             raise NotImplementedError("image-code generation (code_masks) is not supported by mue-fairseq")
         x, extra = self.extract_features(
             prev_output_tokens, encoder_out=encoder_out, incremental_state=incremental_state,
             full_context_alignment=full_context_alignment, alignment_layer=alignment_layer,
             alignment_heads=alignment_heads, exit_groups=exit_groups, exit_positions=exit_positions,
+            exit_vocabulary=exit_vocabulary,
         )
         if not features_only:
             x = self.output_layer(x)
@@ -261,13 +269,13 @@ class MuEDecoder(OFADecoder):
 
     # ----------------------------------------------------------------- teacher-forced evaluation
     def _teacher_forced_with_exits(self, tokens: Tensor, encoder_out: EncoderOut, exit_groups: Optional[Tensor],
-                                   exit_positions: Optional[Tensor] = None):
+                                   exit_positions: Optional[Tensor] = None, exit_vocabulary: Optional[Tensor] = None):
         """Full-sequence pass where each group of rows (default: each row) stops at its own layer.
 
         Similarity: a group's decision uses the cosine of all its rows' non-pad states flattened
         together, with the fixed threshold theta (there is no decoding step to decay over).
         Entropy, confidence, patience: each row's prediction at its `exit_positions` entry is
-        judged; a group stops when all its rows pass.
+        judged (over `exit_vocabulary` when given); a group stops when all its rows pass.
         """
         cfg = self.mue
         rows_total, tgt_len = tokens.shape
@@ -287,7 +295,8 @@ class MuEDecoder(OFADecoder):
 
         decider = None
         if cfg.policy not in ("similarity", "static"):
-            decider = TokenExitDecider(cfg, self.num_layers, self.predict)
+            vocabulary = None if exit_vocabulary is None else exit_vocabulary.to(device)
+            decider = TokenExitDecider(cfg, self.num_layers, lambda states: self.predict(states, vocabulary))
             decider.start_rows(rows_total, device)
             if exit_positions is None:
                 exit_positions = (~padding).sum(dim=1) - 1

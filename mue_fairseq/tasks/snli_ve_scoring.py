@@ -12,6 +12,7 @@ import math
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 from fairseq.data import data_utils
 
 from mue_fairseq.data.answer_trie import AnswerTrie
@@ -72,7 +73,7 @@ def score_snli_ve_candidates(
     ``encoder_out`` may be given to reuse an encoder output of this batch.
     With a MuE decoder, the candidates of a sample form one exit group (they stop at the same
     layer, so their scores stay comparable; entropy, confidence and patience judge the prediction of
-    the first answer token); each pass appends the (B,) decoder layers run to
+    the first answer token over the tokens that may start an answer); each pass appends the (B,) decoder layers run to
     ``decoder_exit_layers`` when a list is given.
     """
     net_input = sample["net_input"]
@@ -89,6 +90,8 @@ def score_snli_ve_candidates(
     answer_masks = answer_constraint_masks(answers, answer_trie, vocab_size)
     batch_size = src_tokens.size(0)
 
+    # The tokens that may start an answer: what prediction-based exits judge (a classifier's classes).
+    first_answer_tokens = torch.tensor(answer_trie.next_tokens([]), dtype=torch.long, device=device)
     results = []
     for start in range(0, len(answers), answers_per_pass):
         chunk = list(answers[start : start + answers_per_pass])
@@ -102,17 +105,26 @@ def score_snli_ve_candidates(
             positions = torch.tensor([len(prompt) - 1 for prompt in sample["decoder_prompts"]], device=device)
             features, extra = model.decoder(prev_output, encoder_out=repeated, exit_groups=new_order,
                                             exit_positions=positions.repeat_interleave(len(chunk)),
-                                            features_only=True)
+                                            exit_vocabulary=first_answer_tokens, features_only=True)
             if decoder_exit_layers is not None:
                 decoder_exit_layers.append(extra["exit_layers"][0].view(batch_size, len(chunk))[:, 0])
         else:
             features, extra = model.decoder(prev_output, encoder_out=repeated, features_only=True)
-        # Only answer positions are scored: project just those rows onto the vocabulary
-        # (prompt and pad positions count 0, as in OFA, which projects every position).
+        # Only answer positions are scored (prompt and pad positions count 0, as in OFA, which
+        # projects every position), and only onto the tokens the trie allows somewhere in this pass:
+        # every other logit is -inf in OFA's protocol, so the log-softmax over the allowed tokens is
+        # the same number at a fraction of the 59,457-word projection.
         scored = masks.any(dim=2) & targets.ne(pad)
-        logits = model.decoder.output_layer(features[scored]).masked_fill(~masks[scored], -math.inf)
+        allowed = masks[scored]
+        vocabulary = allowed.any(dim=0).nonzero().squeeze(1)
+        weight = model.decoder.output_projection.weight.index_select(0, vocabulary)
+        logits = F.linear(features[scored], weight).masked_fill(~allowed[:, vocabulary], -math.inf)
         lprobs = model.get_normalized_probs((logits.unsqueeze(1), extra), log_probs=True).squeeze(1)
+        column = torch.full((allowed.size(1),), -1, dtype=torch.long, device=device)
+        column[vocabulary] = torch.arange(vocabulary.numel(), device=device)
+        target_columns = column[targets[scored]]
+        picked = lprobs.gather(dim=-1, index=target_columns.clamp(min=0).unsqueeze(-1)).squeeze(-1)
         scores = features.new_zeros(targets.shape, dtype=lprobs.dtype)
-        scores[scored] = lprobs.gather(dim=-1, index=targets[scored].unsqueeze(-1)).squeeze(-1)
+        scores[scored] = picked.masked_fill(target_columns < 0, -math.inf)  # a target the trie forbids
         results.append(scores.sum(dim=1).view(batch_size, len(chunk)))
     return torch.cat(results, dim=1)
