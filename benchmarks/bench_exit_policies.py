@@ -314,7 +314,7 @@ def markdown(rows: List[Dict], summary: Dict, setting: Dict) -> str:
                 f"(best other policy {_fmt(entry['best_other_speedup'], '{:.2f}x')}); static half depth loses "
                 f"{_fmt(loss, '{:.2f}')} points"
                 + ("" if loss is None or loss >= NEEDS_DEPTH_POINTS else
-                   f" (< {NEEDS_DEPTH_POINTS:g}: by the issue's rule this task is too easy for a speed-up claim)")
+                   f" (< {NEEDS_DEPTH_POINTS:g}: the model does not need its depth on this task, so no speed-up is claimed on it)")
                 + "."
             )
     lines += ["", "![fronts](benchmarks/results/exit_policies_fronts.png)"]

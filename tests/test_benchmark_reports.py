@@ -1,0 +1,61 @@
+"""The exit-policy benchmark's report logic (no timing here): which setting each policy is credited
+with, the depth check, and the tables."""
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_exit_policies.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_exit_policies", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def row(policy, value, quality, speedup, batch=1, task="snli_ve", knob="k"):
+    return {"task": task, "batch_size": batch, "policy": policy, "knob": knob, "value": value, "metric": "accuracy",
+            "quality": quality, "quality_ratio": quality / 80.0, "meets_target": quality >= 0.99 * 80.0,
+            "measured_speedup": speedup, "expected_speedup": speedup, "seconds": 10.0 / speedup, "num_samples": 10,
+            "image_layers": 6.0, "text_layers": 6.0, "decoder_layers": 6.0}
+
+
+def rows_for(batch, mue_speedup):
+    return [
+        row("full depth", "", 80.0, 1.0, batch),
+        row("static", 5, 79.5, 1.2, batch), row("static", 3, 70.0, 2.0, batch),
+        row("entropy", 0.5, 79.5, 1.3, batch), row("entropy", 2.0, 60.0, 2.5, batch),
+        row("patience", 1, 75.0, 1.6, batch),  # never meets the target
+        row("confidence", 0.9, 80.0, 1.1, batch),
+        row("MuE", 0.95, 79.3, mue_speedup, batch), row("MuE", 0.9, 79.9, 1.4, batch),
+    ]
+
+
+def test_each_policy_is_credited_with_its_fastest_setting_at_the_target(bench):
+    summary = bench.summarise(rows_for(1, 2.2) + rows_for(16, 1.9))
+    entry = summary["snli_ve"]["batches"][1]
+    chosen = {policy: (r["value"] if r else None) for policy, r in entry["chosen"].items()}
+    assert chosen == {"full depth": "", "static": 5, "entropy": 0.5, "patience": None, "confidence": 0.9, "MuE": 0.95}
+    assert entry["best_other_speedup"] == pytest.approx(1.3)
+    assert entry["static_half_loss_points"] == pytest.approx(10.0)  # 6 layers: half is 3
+    # (1.9 - 1) / (2.2 - 1) of the batch-1 gain is kept at batch 16.
+    assert summary["snli_ve"]["mue_speedup_kept_at_largest_batch"] == pytest.approx(0.9 / 1.2)
+
+
+def test_tables_flag_missed_targets_and_too_easy_tasks(bench):
+    rows = rows_for(1, 2.2)
+    for r in rows:
+        if r["policy"] == "static" and r["value"] == 3:
+            r["quality"] = 78.0  # half depth loses only 2 points
+    text = bench.markdown(rows, bench.summarise(rows), {"command": "cmd", "model": "m", "samples": 10, "machine": "x"})
+    assert "| patience (PABEE) (none meets the target: best quality shown) | k 1 | 75.00 |" in text
+    assert "| MuE (similarity) | k 0.95 | 79.30 |" in text and "2.20x" in text
+    assert "static half depth loses 2.00 points (< 5: the model does not need its depth" in text
+
+
+def test_pareto_front_keeps_only_undominated_points(bench):
+    points = [row("MuE", v, q, s) for v, q, s in [(1, 80, 1.0), (2, 79, 1.5), (3, 78, 1.4), (4, 70, 2.0)]]
+    assert [r["value"] for r in bench.pareto(points)] == [1, 2, 4]
