@@ -263,8 +263,9 @@ def markdown(rows: List[Dict], summary: Dict, setting: Dict) -> str:
     lines = [
         f"Command: `{setting['command']}`",
         "",
-        f"Models: the quickstart's ({setting['model']}), trained with `mue_layerwise_ce`; "
-        f"{setting['samples']} test rows per task; {setting['machine']}. Measured speed-up = model time "
+        f"Models: the quickstart's ({setting['model']}), trained with `mue_layerwise_ce`; the first test rows "
+        f"({', '.join(f'{task} {count}' for task, count in samples_per_task(rows).items())}); "
+        f"{setting['machine']}. Measured speed-up = model time "
         "at full depth / with the policy, both in this run (full depth timed at the start and the end of "
         "each sweep, the faster kept). Expected = FLOP model of the exits taken (layer count where FLOPs "
         "are not modelled). Each policy's row is its fastest setting that keeps the target quality on these "
@@ -321,6 +322,10 @@ def markdown(rows: List[Dict], summary: Dict, setting: Dict) -> str:
     return "\n".join(lines)
 
 
+def samples_per_task(rows: Sequence[Dict]) -> Dict[str, int]:
+    return {row["task"]: row["num_samples"] for row in rows}
+
+
 def _table_row(title: str, row: Dict) -> str:
     layers = " / ".join(_fmt(row.get(k), "{:.1f}") for k in ("image_layers", "text_layers", "decoder_layers"))
     return (f"| {title} | {row['knob']} {row['value']} | {row['quality']:.2f} | {row['quality_ratio']:.1%} | "
@@ -358,13 +363,18 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     parser.add_argument("--similarities", default="0.99,0.98,0.97,0.95,0.93,0.9,0.85")
     parser.add_argument("--out-dir", default=str(REPO / "benchmarks" / "results"))
     parser.add_argument("--markdown", default=None, help="BENCHMARKS.md to update with the tables")
-    parser.add_argument("--from-json", default=None,
-                        help="rebuild the CSV, plot and tables from an earlier run's exit_policies.json (no evaluation)")
+    parser.add_argument("--from-json", nargs="+", default=None, metavar="JSON",
+                        help="rebuild the CSV, plot and tables from earlier runs' exit_policies.json (no evaluation); "
+                        "several files (e.g. one per task) are merged")
     args = parser.parse_args(argv)
     args.batch_sizes = [int(v) for v in args.batch_sizes.split(",")]
     if args.from_json:
-        saved = json.loads(Path(args.from_json).read_text())
-        return report(saved["rows"], saved["setting"], Path(args.out_dir), args.markdown)
+        runs = [json.loads(Path(path).read_text()) for path in args.from_json]
+        rows = [row for run in runs for row in run["rows"]]
+        setting = dict(runs[0]["setting"])
+        setting["command"] = "; ".join(run["setting"]["command"] for run in runs)
+        setting["machine"] = "; ".join(dict.fromkeys(run["setting"]["machine"] for run in runs))
+        return report(rows, setting, Path(args.out_dir), args.markdown)
 
     from data_utils.synthetic_task import build_synthetic_task
     from mue_fairseq.data.ofa_bpe import check_bpe_dir
