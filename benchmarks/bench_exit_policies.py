@@ -30,7 +30,6 @@ import logging
 import math
 import os
 import platform
-import re
 import sys
 import time
 from pathlib import Path
@@ -38,6 +37,9 @@ from typing import Dict, List, Optional, Sequence
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from markdown_section import update_section  # noqa: E402  (benchmarks/, beside this script)
 
 logger = logging.getLogger("bench_exit_policies")
 
@@ -332,18 +334,6 @@ def _table_row(title: str, row: Dict) -> str:
             f"{layers} | {row['measured_speedup']:.2f}x | {_fmt(row.get('expected_speedup'), '{:.2f}x')} |")
 
 
-def update_markdown(path: Path, body: str) -> None:
-    """Replace this benchmark's block in `path` (or append the section); other sections stay."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    block = f"{SECTION_BEGIN}\n{body}\n{SECTION_END}"
-    if SECTION_BEGIN in text and SECTION_END in text:
-        pattern = re.compile(re.escape(SECTION_BEGIN) + ".*?" + re.escape(SECTION_END), re.S)
-        text = pattern.sub(lambda _: block, text)
-    else:
-        text = text.rstrip("\n") + f"\n\n{SECTION_HEADING}\n\n{block}\n"
-    path.write_text(text)
-
-
 def main(argv: Optional[List[str]] = None) -> Dict:
     logging.basicConfig(format="%(asctime)s | %(levelname)s | %(name)s | %(message)s", level=logging.INFO,
                         stream=sys.stdout, force=True)
@@ -416,7 +406,7 @@ def report(rows: List[Dict], setting: Dict, out: Path, markdown_path: Optional[s
     body = markdown(rows, summary, setting)
     print(body)
     if markdown_path:
-        update_markdown(Path(markdown_path), body)
+        update_section(Path(markdown_path), SECTION_HEADING, SECTION_BEGIN, SECTION_END, body)
         logger.info("updated %s", markdown_path)
     return {"rows": rows, "summary": summary}
 

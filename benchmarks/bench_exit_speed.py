@@ -33,7 +33,6 @@ import json
 import logging
 import os
 import platform
-import re
 import statistics
 import sys
 import time
@@ -48,6 +47,8 @@ from fairseq.models import ARCH_CONFIG_REGISTRY
 import mue_fairseq  # noqa: F401  (registers the models)
 from mue_fairseq.generation.sequence_generator import OFASequenceGenerator
 from mue_fairseq.metrics.exit_stats import ExitStatistics
+
+from markdown_section import update_section  # benchmarks/, the script's own folder
 from mue_fairseq.metrics.flops import num_image_patches
 from mue_fairseq.models.mue_ofa import MuEOFAModel
 from mue_fairseq.ofa.model import OFAModel, ofa_base_architecture
@@ -426,18 +427,6 @@ def summarize(paths: List[str]) -> str:
     return "\n".join(lines)
 
 
-def update_markdown(path: Path, body: str) -> None:
-    """Replace this benchmark's generated block in `path`, or append the section; other sections stay."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    block = f"{SECTION_BEGIN}\n{body}\n{SECTION_END}"
-    if SECTION_BEGIN in text and SECTION_END in text:
-        pattern = re.compile(re.escape(SECTION_BEGIN) + ".*?" + re.escape(SECTION_END), re.S)
-        text = pattern.sub(lambda _: block, text)
-    else:
-        text = text.rstrip("\n") + f"\n\n{SECTION_HEADING}\n\n{block}\n"
-    path.write_text(text)
-
-
 def write_csv(path: Path, result: dict) -> None:
     """One row per batch size, configuration, clock and part."""
     with path.open("w", newline="") as f:
@@ -541,7 +530,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
     table = markdown(result)
     print(table)
     if args.markdown:
-        update_markdown(Path(args.markdown), table)
+        update_section(Path(args.markdown), SECTION_HEADING, SECTION_BEGIN, SECTION_END, table)
         logger.info("updated %s", args.markdown)
     return result
 

@@ -59,3 +59,17 @@ def test_tables_flag_missed_targets_and_too_easy_tasks(bench):
 def test_pareto_front_keeps_only_undominated_points(bench):
     points = [row("MuE", v, q, s) for v, q, s in [(1, 80, 1.0), (2, 79, 1.5), (3, 78, 1.4), (4, 70, 2.0)]]
     assert [r["value"] for r in bench.pareto(points)] == [1, 2, 4]
+
+
+def test_generated_section_is_replaced_in_place_and_other_text_stays(bench, tmp_path):
+    from markdown_section import update_section  # benchmarks/ is on the path once the script is loaded
+
+    path = tmp_path / "BENCHMARKS.md"
+    path.write_text("# Benchmarks\n\nhand-written intro\n")
+    update_section(path, "## Policies", "<!-- b -->", "<!-- e -->", "first")
+    path.write_text(path.read_text() + "\nhand-written notes after\n")
+    update_section(path, "## Policies", "<!-- b -->", "<!-- e -->", "second")
+    text = path.read_text()
+    assert text.count("## Policies") == 1 and "first" not in text
+    assert text.index("hand-written intro") < text.index("<!-- b -->\nsecond\n<!-- e -->") < text.index(
+        "hand-written notes after")
