@@ -323,7 +323,8 @@ class MuEDecoder(OFADecoder):
                 group_done = torch.full((num_groups,), 0 < cfg.mue_static_decoder_layers <= idx + 1, device=device)
             elif decider is not None:
                 judged = state[exit_positions[going], torch.arange(going.numel(), device=device)]
-                row_going = (~decider(idx, judged, h[0], going)).long()
+                # Prediction-based rules read only the new states (no previous-layer states needed).
+                row_going = (~decider(idx, judged, judged, going)).long()
                 group_done = torch.zeros(num_groups, dtype=torch.long, device=device).index_add_(
                     0, groups[going], row_going).eq(0)
             else:
