@@ -56,6 +56,19 @@ def test_tables_flag_missed_targets_and_too_easy_tasks(bench):
     assert "static half depth loses 2.00 points (< 5: the model does not need its depth" in text
 
 
+def test_points_mue_does_not_dominate_are_named(bench):
+    rows = rows_for(1, 2.2)
+    escaped = bench.not_dominated_by_mue(rows)
+    # entropy 2.0 is faster than every MuE setting; confidence 0.9 keeps more accuracy than any of them.
+    assert [(r["policy"], r["value"]) for r in escaped] == [("entropy", 2.0), ("confidence", 0.9)]
+    text = bench.markdown(rows, bench.summarise(rows), {"command": "cmd", "model": "m", "samples": 10, "machine": "x"})
+    assert "not dominated by any MuE setting: entropy (DeeBERT) k 2.0 (2.50x, 60.00), confidence (CALM) k 0.9" in text
+    assert "(speed-up target 2x: met;" in text
+    rows = [r for r in rows if r["policy"] in ("full depth", "MuE", "static")]
+    text = bench.markdown(rows, bench.summarise(rows), {"command": "cmd", "model": "m", "samples": 10, "machine": "x"})
+    assert "MuE's front dominates every other policy's front" in text
+
+
 def test_pareto_front_keeps_only_undominated_points(bench):
     points = [row("MuE", v, q, s) for v, q, s in [(1, 80, 1.0), (2, 79, 1.5), (3, 78, 1.4), (4, 70, 2.0)]]
     assert [r["value"] for r in bench.pareto(points)] == [1, 2, 4]
@@ -73,3 +86,15 @@ def test_generated_section_is_replaced_in_place_and_other_text_stays(bench, tmp_
     assert text.count("## Policies") == 1 and "first" not in text
     assert text.index("hand-written intro") < text.index("<!-- b -->\nsecond\n<!-- e -->") < text.index(
         "hand-written notes after")
+
+
+def test_accuracy_by_difficulty_reads_the_generators_meta_records(bench):
+    meta = {1: {"difficulty": 1, "label": "entailment"}, 2: {"difficulty": 1, "label": "neutral"},
+            3: {"difficulty": 3, "label": "contradiction"}}
+    predictions = [{"uniq_id": 1, "answer": "yes"}, {"uniq_id": 2, "answer": "no"}, {"uniq_id": 3, "answer": "no"}]
+    assert bench.accuracy_by_difficulty(predictions, meta) == {"1": 50.0, "3": 100.0}
+    rows = rows_for(1, 2.2)
+    for r in rows:
+        r["quality_by_difficulty"] = {"1": 90.0, "2": 70.0} if r["policy"] != "MuE" else {"1": 91.0, "2": 69.0}
+    text = bench.markdown(rows, bench.summarise(rows), {"command": "cmd", "model": "m", "samples": 10, "machine": "x"})
+    assert "full depth 90.0 / 70.0; static half depth 90.0 / 70.0; MuE at the target 91.0 / 69.0." in text
