@@ -98,6 +98,9 @@ def test_accuracy_by_difficulty_reads_the_generators_meta_records(bench):
         r["quality_by_difficulty"] = {"1": 90.0, "2": 70.0} if r["policy"] != "MuE" else {"1": 91.0, "2": 69.0}
     text = bench.markdown(rows, bench.summarise(rows), {"command": "cmd", "model": "m", "samples": 10, "machine": "x"})
     assert "full depth 90.0 / 70.0; static half depth 90.0 / 70.0; MuE at the target 91.0 / 69.0." in text
+    rows += [dict(r, batch_size=16) for r in rows]
+    text = bench.markdown(rows, bench.summarise(rows), {"command": "cmd", "model": "m", "samples": 10, "machine": "x"})
+    assert text.count("Accuracy by hypothesis difficulty") == 1  # same answers at every batch size: once
 
 
 def test_caption_content_check_names_wrong_colours_and_shapes():
