@@ -346,8 +346,8 @@ def markdown(rows: List[Dict], summary: Dict, setting: Dict) -> str:
                                                      ("MuE at the target", entry["mue_best"]))
                         if r is not None and r.get("quality_by_difficulty")]
             if by_level and batch_size == min(task_summary["batches"]):  # the same answers at every batch size
-                lines.append("Accuracy by hypothesis difficulty (1 existence and unseen properties, 2 counting and attributes, "
-                             "3 spatial relations, 4 conjunctions): " + "; ".join(
+                lines.append("Accuracy by hypothesis difficulty (1 existence and unseen properties, 2 counting and "
+                             "attributes, 3 spatial relations, 4 conjunctions): " + "; ".join(
                                  f"{title} " + " / ".join(f"{v:.1f}" for v in r["quality_by_difficulty"].values())
                                  for title, r in by_level) + ".")
                 lines.append("")

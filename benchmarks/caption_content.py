@@ -13,35 +13,16 @@ decoding options, and writes CIDEr-D and content accuracy per depth.
 import argparse
 import json
 import logging
-import re
 import sys
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import Dict
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from data_utils.synthetic_task import COLORS, HOLLOW, SHAPES  # noqa: E402
+from data_utils.synthetic_task import caption_content_accuracy  # noqa: E402
 
 logger = logging.getLogger("caption_content")
-_PAIR = re.compile(r"\b(" + "|".join(sorted(COLORS) + [HOLLOW]) + r") (" + "|".join(SHAPES) + r")\b")
-
-
-def named_objects(caption: str) -> List[str]:
-    """The "colour shape" pairs a caption names, in order ("hollow" is a colour here)."""
-    return [" ".join(pair) for pair in _PAIR.findall(caption)]
-
-
-def scene_objects(record: Dict) -> List[str]:
-    """The scene's "colour shape" pairs from a meta record ("large purple star r0c1" -> "purple star")."""
-    return [" ".join(obj.split()[1:3]) for obj in record["objects"]]
-
-
-def content_accuracy(predictions: Sequence[Dict], meta: Dict[int, Dict]) -> float:
-    """Percentage of captions naming exactly the scene's coloured shapes (as a multiset)."""
-    right = sum(sorted(named_objects(p["caption"])) == sorted(scene_objects(meta[int(p["image_id"])]))
-                for p in predictions)
-    return 100.0 * right / max(len(predictions), 1)
 
 
 def main(argv=None) -> Dict:
@@ -74,7 +55,8 @@ def main(argv=None) -> Dict:
             "mue_exit_policy": "static", "mue_static_image_layers": depth, "mue_static_text_layers": depth,
             "mue_static_decoder_layers": depth}
         result, _ = evaluate_point(models, task, cfg, options, "test", "score")
-        results[depth] = {"cider_d": result.quality(), "content_accuracy": content_accuracy(result.predictions, meta),
+        results[depth] = {"cider_d": result.quality(),
+                          "content_accuracy": caption_content_accuracy(result.predictions, meta),
                           "num_samples": result.num_samples, "first_captions": [
                               p["caption"] for p in result.predictions[:3]]}
         logger.info("depth %d: CIDEr-D %.2f, content accuracy %.1f%%", depth, results[depth]["cider_d"],

@@ -35,6 +35,7 @@ import logging
 import math
 import os
 import random
+import re
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -653,6 +654,28 @@ def load_meta(meta_path: str) -> dict[int, dict]:
             except (json.JSONDecodeError, KeyError, ValueError) as e:
                 raise ValueError(f"{meta_path}:{line_no}: bad meta record ({e})") from e
     return records
+
+
+_COLOURED_SHAPE = re.compile(r"\b(" + "|".join(sorted(COLORS) + [HOLLOW]) + r") (" + "|".join(SHAPES) + r")\b")
+
+
+def named_objects(caption: str) -> list[str]:
+    """The "colour shape" pairs a caption names, in order ("hollow" counts as a colour)."""
+    return [" ".join(pair) for pair in _COLOURED_SHAPE.findall(caption)]
+
+
+def scene_objects(record: dict) -> list[str]:
+    """A scene's "colour shape" pairs from its meta record ("large purple star r0c1" -> "purple star")."""
+    return [" ".join(obj.split()[1:3]) for obj in record["objects"]]
+
+
+def caption_content_accuracy(predictions: list[dict], meta: dict[int, dict]) -> float:
+    """Percentage of generated captions ({"image_id", "caption"}) that name exactly the scene's
+    coloured shapes (as a multiset). CIDEr-D alone can be high for captions that get every colour
+    and shape wrong, since most n-grams of this task's captions are template words."""
+    right = sum(sorted(named_objects(p["caption"])) == sorted(scene_objects(meta[int(p["image_id"])]))
+                for p in predictions)
+    return 100.0 * right / max(len(predictions), 1)
 
 
 def cli_main(argv: list[str] | None = None) -> dict[str, str]:

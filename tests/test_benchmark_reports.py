@@ -104,14 +104,13 @@ def test_accuracy_by_difficulty_reads_the_generators_meta_records(bench):
 
 
 def test_caption_content_check_names_wrong_colours_and_shapes():
-    spec = importlib.util.spec_from_file_location("caption_content", SCRIPT.parent / "caption_content.py")
-    content = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(content)
+    from data_utils.synthetic_task import caption_content_accuracy, named_objects
+
     meta = {7: {"objects": ["large purple star r0c1"]},
             8: {"objects": ["small hollow triangle r1c0", "large red circle r0c2"]}}
-    assert content.named_objects("a red circle right of a small hollow triangle") == ["red circle", "hollow triangle"]
+    assert named_objects("a red circle right of a small hollow triangle") == ["red circle", "hollow triangle"]
     predictions = [{"image_id": 7, "caption": "at the top a large purple star"},      # right
                    {"image_id": 8, "caption": "a hollow triangle left of a red star"}]  # wrong shape
-    assert content.content_accuracy(predictions, meta) == 50.0
+    assert caption_content_accuracy(predictions, meta) == 50.0
     predictions[1]["caption"] = "a hollow triangle left of a large red circle"
-    assert content.content_accuracy(predictions, meta) == 100.0
+    assert caption_content_accuracy(predictions, meta) == 100.0
