@@ -66,14 +66,18 @@ POLICY_TITLES = {
 }
 
 
+def static_depth_options(depth: int) -> Dict:
+    """Options truncating every stream (image, text, each decoder token) at `depth` layers."""
+    return {"mue_exit_policy": "static", "mue_static_image_layers": depth, "mue_static_text_layers": depth,
+            "mue_static_decoder_layers": depth}
+
+
 def policy_settings(num_layers: int, entropies: Sequence[float], patiences: Sequence[int],
                     confidences: Sequence[float], similarities: Sequence[float]) -> List[Dict]:
     """(policy, knob label, knob value, options) of every point of the sweep."""
     points = [{"policy": "full depth", "knob": "-", "value": "", "options": {}}]
     for depth in range(num_layers - 1, 1, -1):
-        points.append({"policy": "static", "knob": "layers", "value": depth, "options": {
-            "mue_exit_policy": "static", "mue_static_image_layers": depth, "mue_static_text_layers": depth,
-            "mue_static_decoder_layers": depth}})
+        points.append({"policy": "static", "knob": "layers", "value": depth, "options": static_depth_options(depth)})
     for value in entropies:
         points.append({"policy": "entropy", "knob": "max entropy (nats)", "value": value,
                        "options": {"mue_exit_policy": "entropy", "mue_entropy_threshold": value}})

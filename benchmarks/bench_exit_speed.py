@@ -47,11 +47,11 @@ from fairseq.models import ARCH_CONFIG_REGISTRY
 import mue_fairseq  # noqa: F401  (registers the models)
 from mue_fairseq.generation.sequence_generator import OFASequenceGenerator
 from mue_fairseq.metrics.exit_stats import ExitStatistics
-
-from markdown_section import update_section  # benchmarks/, the script's own folder
 from mue_fairseq.metrics.flops import num_image_patches
 from mue_fairseq.models.mue_ofa import MuEOFAModel
 from mue_fairseq.ofa.model import OFAModel, ofa_base_architecture
+
+from markdown_section import update_section  # benchmarks/, the script's own folder
 
 logger = logging.getLogger("bench_exit_speed")
 OFA_VOCAB_SIZE = 59457

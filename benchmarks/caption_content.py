@@ -20,7 +20,11 @@ from typing import Dict
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from data_utils.synthetic_task import caption_content_accuracy  # noqa: E402
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from bench_exit_policies import evaluate_point, static_depth_options  # noqa: E402
+from data_utils.synthetic_task import caption_content_accuracy, load_meta  # noqa: E402
+from mue_fairseq.cli import quickstart  # noqa: E402
 
 logger = logging.getLogger("caption_content")
 
@@ -34,12 +38,6 @@ def main(argv=None) -> Dict:
     parser.add_argument("--out", required=True, help="JSON file to write")
     args = parser.parse_args(argv)
 
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    from bench_exit_policies import evaluate_point
-
-    from data_utils.synthetic_task import load_meta
-    from mue_fairseq.cli import quickstart
-
     work = Path(args.work_dir)
     data = work / "data"
     checkpoint = work / "checkpoints_caption" / "checkpoint_last.pt"
@@ -51,9 +49,7 @@ def main(argv=None) -> Dict:
     layers = models[0].args.decoder_layers
     results = {}
     for depth in range(layers, 0, -1):
-        options = {} if depth == layers else {
-            "mue_exit_policy": "static", "mue_static_image_layers": depth, "mue_static_text_layers": depth,
-            "mue_static_decoder_layers": depth}
+        options = {} if depth == layers else static_depth_options(depth)
         result, _ = evaluate_point(models, task, cfg, options, "test", "score")
         results[depth] = {"cider_d": result.quality(),
                           "content_accuracy": caption_content_accuracy(result.predictions, meta),
