@@ -36,11 +36,13 @@ def main(argv=None) -> Dict:
     parser.add_argument("--work-dir", required=True, help="quickstart-style work dir (data/, checkpoints_caption/)")
     parser.add_argument("--bpe-dir", default=str(REPO.parent / "shared" / "ofa_bpe"))
     parser.add_argument("--out", required=True, help="JSON file to write")
+    parser.add_argument("--checkpoint", default=None,
+                        help="caption checkpoint (default: WORK_DIR/checkpoints_caption/checkpoint_last.pt)")
     args = parser.parse_args(argv)
 
     work = Path(args.work_dir)
     data = work / "data"
-    checkpoint = work / "checkpoints_caption" / "checkpoint_last.pt"
+    checkpoint = Path(args.checkpoint or work / "checkpoints_caption" / "checkpoint_last.pt")
     if not checkpoint.is_file():
         raise FileNotFoundError(f"no caption checkpoint at {checkpoint}")
     models, task, cfg = quickstart.load("caption", checkpoint, data, args.bpe_dir, 16)

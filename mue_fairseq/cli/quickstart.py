@@ -13,13 +13,14 @@
 Every step reuses what an earlier run left in --work-dir.
 """
 import argparse
+import hashlib
 import json
 import logging
 import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 logger = logging.getLogger("mue_fairseq.quickstart")
 TIMED_PASSES = 2
@@ -62,7 +63,10 @@ def python() -> str:
     return sys.executable
 
 
-def train(task: str, data_dir: Path, save_dir: Path, updates: int, batch_size: int, bpe_dir: str) -> Path:
+def train(task: str, data_dir: Path, save_dir: Path, updates: int, batch_size: int, bpe_dir: str,
+          extra_args: Sequence[str] = ()) -> Path:
+    if extra_args:  # another recipe (say, a pre-trained backbone) gets its own folder: fairseq would resume
+        save_dir = save_dir.with_name(save_dir.name + "_" + hashlib.sha1(" ".join(extra_args).encode()).hexdigest()[:8])
     checkpoint = save_dir / "checkpoint_last.pt"
     done = save_dir / f"trained_{updates}_updates"
     if done.exists() and checkpoint.exists():
@@ -79,12 +83,32 @@ def train(task: str, data_dir: Path, save_dir: Path, updates: int, batch_size: i
         "--total-num-update", str(updates), "--max-update", str(updates), "--batch-size", str(batch_size),
         "--clip-norm", "1.0", "--cpu", "--num-workers", "0", "--log-format", "simple", "--log-interval", "10",
         "--save-dir", str(save_dir), "--no-epoch-checkpoints", "--disable-validation", "--seed", "1",
-        "--max-epoch", "100",
+        "--max-epoch", "100", *extra_args,
     ]
     logger.info("%s: training %d updates: %s", task, updates, " ".join(command))
     subprocess.run(command, check=True)
     done.touch()
     return checkpoint
+
+
+def pretrain_backbone(work: Path, data_dir: Path, steps: int) -> List[str]:
+    """Train the ResNet on the scenes first (the built-in stand-in for OFA's ImageNet weights) and
+    return the fairseq-train arguments that load it; no arguments when `steps` is 0."""
+    if steps <= 0:
+        return []
+    weights = work / f"backbone_resnet_{steps}_steps.pt"
+    if not weights.exists():
+        from mue_fairseq.cli.pretrain_backbone import build_parser, pretrain
+
+        size = MODEL_ARGS[MODEL_ARGS.index("--patch-image-size") + 1]
+        resnet = MODEL_ARGS[MODEL_ARGS.index("--resnet-type") + 1]
+        pretrain(build_parser().parse_args(["--data", str(data_dir / "caption_train.tsv"), "--valid-data", str(data_dir / "caption_valid.tsv"),
+                      "--out", str(weights), "--steps", str(steps), "--patch-image-size", size, "--resnet-type", resnet]))
+    else:
+        logger.info("reusing backbone %s", weights)
+    # Kept fixed while fine-tuning (weights and BatchNorm): trained along, it is erased within a few
+    # hundred updates (a linear probe's object accuracy falls from 99.8% to 21%).
+    return ["--resnet-model-path", str(weights), "--freeze-resnet", "--freeze-resnet-weights"]
 
 
 def evaluate(models, task, cfg, settings: Dict, subset: str, data_file: Path):
@@ -161,10 +185,11 @@ def describe(settings: Dict) -> str:
     return "MuE img {mue_image_threshold} txt {mue_text_threshold} dec {mue_decoder_threshold}".format(**settings)
 
 
-def run_task(task: str, work: Path, data_dir: Path, bpe_dir: str, updates: int, batch_size: int) -> List[Dict]:
+def run_task(task: str, work: Path, data_dir: Path, bpe_dir: str, updates: int, batch_size: int,
+             train_args: Sequence[str] = ()) -> List[Dict]:
     import torch
 
-    checkpoint = train(task, data_dir, work / f"checkpoints_{task}", updates, batch_size, bpe_dir)
+    checkpoint = train(task, data_dir, work / f"checkpoints_{task}", updates, batch_size, bpe_dir, train_args)
     models, task_obj, cfg = load(task, checkpoint, data_dir, bpe_dir, batch_size)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     spec = TASKS[task]
@@ -211,6 +236,9 @@ def main(argv=None):
     parser.add_argument("--updates", type=int, default=200, help="training updates per task")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--num-train", type=int, default=2000, help="training images of the synthetic task")
+    parser.add_argument("--pretrain-backbone-steps", type=int, default=0,
+                        help="pre-train the ResNet to name each grid cell's object for this many steps before "
+                        "fine-tuning (the stand-in for OFA's ImageNet-initialised ResNet); 0 = from scratch")
     args = parser.parse_args(argv)
 
     from data_utils.synthetic_task import build_synthetic_task
@@ -221,9 +249,10 @@ def main(argv=None):
     data_dir = work / "data"
     if not (data_dir / "synthetic_task_info.json").exists():
         build_synthetic_task(data_dir, seed=1, num_train=args.num_train, num_valid=200, num_test=200)
+    backbone_args = pretrain_backbone(work, data_dir, args.pretrain_backbone_steps)
     rows = []
     for task in args.tasks.split(","):
-        rows += run_task(task, work, data_dir, args.bpe_dir, args.updates, args.batch_size)
+        rows += run_task(task, work, data_dir, args.bpe_dir, args.updates, args.batch_size, backbone_args)
     table = print_table(rows)
     (work / "quickstart_results.json").write_text(json.dumps(rows, indent=1))
     (work / "quickstart_table.txt").write_text(table + "\n")

@@ -49,6 +49,9 @@ def load_ofa_ensemble(
     """`checkpoint_utils.load_model_ensemble_and_task` after checking each file is an OFA model."""
     from fairseq import checkpoint_utils
 
+    # A trained checkpoint holds its ResNet weights: the file it was initialised from (--resnet-model-path)
+    # is not needed, and often not there, at evaluation time. An explicit override still wins.
+    arg_overrides = {"resnet_model_path": None, **(arg_overrides or {})}
     for path in paths:
         state = checkpoint_utils.load_checkpoint_to_cpu(path, arg_overrides)
         check_is_ofa_checkpoint(path, state, accepted)

@@ -5,6 +5,7 @@ OFA is a legacy (argparse) fairseq model: its checkpoints store `cfg["model"]` a
 registry names, option names and defaults are kept here.
 """
 import logging
+import os
 from typing import Optional
 
 import torch
@@ -76,6 +77,12 @@ OFA_MODEL_OPTIONS = [
     ("--pooler-classifier", {"choices": ["mlp", "linear"]}, "classification-head type (unused)"),
     ("--pooler-activation-fn", {"choices": utils.get_available_activation_fns()}, "classification-head activation"),
 ]
+# Model options of this plugin, not OFA's (an OFA checkpoint's config simply lacks them).
+PLUGIN_MODEL_OPTIONS = [
+    ("--freeze-resnet-weights", _FLAG,
+     "do not train the ResNet's weights: a pre-trained backbone (--resnet-model-path) stays a fixed feature "
+     "extractor; in a small model, Adam's per-parameter steps on the ResNet's tiny gradients erase it"),
+]
 
 
 @register_model("ofa")
@@ -90,7 +97,7 @@ class OFAModel(FairseqEncoderDecoderModel):
 
     @staticmethod
     def add_args(parser):
-        for flag, kwargs, help_text in OFA_MODEL_OPTIONS:
+        for flag, kwargs, help_text in OFA_MODEL_OPTIONS + PLUGIN_MODEL_OPTIONS:
             parser.add_argument(flag, help=help_text, **kwargs)
 
     @classmethod
@@ -112,8 +119,21 @@ class OFAModel(FairseqEncoderDecoderModel):
         encoder = cls.build_encoder(args, src_dict, encoder_embed)
         decoder = cls.build_decoder(args, tgt_dict, decoder_embed)
         if getattr(args, "resnet_model_path", None):
-            encoder.embed_images.load_state_dict(torch.load(args.resnet_model_path, map_location="cpu"))
+            cls.load_resnet_weights(encoder, args.resnet_model_path)
+        if getattr(args, "freeze_resnet_weights", False):
+            encoder.embed_images.requires_grad_(False)
         return cls(args, encoder, decoder)
+
+    @staticmethod
+    def load_resnet_weights(encoder: OFAEncoder, path: str) -> None:
+        """Initialise the ResNet from a state dict of its own keys (`--resnet-model-path`)."""
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"--resnet-model-path {path}: no such file")
+        state = torch.load(path, map_location="cpu")
+        try:
+            encoder.embed_images.load_state_dict(state)
+        except RuntimeError as err:
+            raise ValueError(f"--resnet-model-path {path}: not weights of this --resnet-type ({err})") from err
 
     @classmethod
     def build_encoder(cls, args, dictionary, embed_tokens) -> OFAEncoder:
@@ -215,6 +235,7 @@ def ofa_large_architecture(args):
         "decoder_drop_path_rate": 0.0,
         "token_bucket_size": 256,
         "image_bucket_size": 42,
+        "freeze_resnet_weights": False,
         "freeze_encoder_embedding": False,
         "freeze_decoder_embedding": False,
         "add_type_embedding": True,
