@@ -53,6 +53,21 @@ def test_load_scenes_needs_the_meta_file_beside_the_tsv(tmp_path, scenes):
         load_scenes(str(tsv), 32)
 
 
+def test_load_scenes_names_the_line_of_a_corrupt_row(tmp_path, scenes):
+    lines = (scenes / "caption_train.tsv").read_text().splitlines(keepends=True)
+    (tmp_path / "caption_train.tsv").write_text(lines[0] + "x\t" + lines[1].split("\t", 1)[1])
+    (tmp_path / "caption_train.meta.jsonl").write_text((scenes / "caption_train.meta.jsonl").read_text())
+    with pytest.raises(ValueError, match=r"caption_train.tsv:2: uniq-id 'x' is not a number"):
+        load_scenes(str(tmp_path / "caption_train.tsv"), 32)
+    (tmp_path / "caption_train.tsv").write_text(lines[0] + "one column only\n")
+    with pytest.raises(ValueError, match=r"caption_train.tsv:2: expected 5 caption columns, got 1"):
+        load_scenes(str(tmp_path / "caption_train.tsv"), 32)
+    not_an_image = lines[2].rsplit("\t", 1)[0] + "\taGVsbG8=\n"  # a new image (rows 1-2 share one); "hello"
+    (tmp_path / "caption_train.tsv").write_text(lines[0] + not_an_image)
+    with pytest.raises(ValueError, match=r"caption_train.tsv:2: image column"):
+        load_scenes(str(tmp_path / "caption_train.tsv"), 32)
+
+
 def test_pretraining_learns_the_cells_and_its_weights_initialise_an_ofa_resnet(scenes, tmp_path):
     weights = tmp_path / "resnet.pt"
     args = build_parser().parse_args([

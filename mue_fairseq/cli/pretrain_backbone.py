@@ -69,6 +69,8 @@ def load_scenes(tsv_path: str, patch_image_size: int) -> Tuple[torch.Tensor, tor
         for line_no, row in enumerate(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE), 1):
             if len(row) != 5:
                 raise ValueError(f"{tsv_path}:{line_no}: expected 5 caption columns, got {len(row)}")
+            if not row[0].strip().isdigit():
+                raise ValueError(f"{tsv_path}:{line_no}: uniq-id {row[0]!r} is not a number")
             uniq_id, image_id, image_b64 = int(row[0]), row[1], row[4]
             if image_id in seen:
                 continue
