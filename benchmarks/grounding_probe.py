@@ -133,7 +133,7 @@ def main(argv: Optional[list] = None) -> Dict:
     model = models[0].eval()
     if args.resnet:
         model.encoder.embed_images.load_state_dict(torch.load(args.resnet, map_location="cpu"))
-    size = model.args.patch_image_size if hasattr(model.args, "patch_image_size") else task.cfg.patch_image_size
+    size = task.cfg.patch_image_size
     train_images, train_cells = load_scenes(str(data / "caption_train.tsv"), size)
     test_images, test_cells = load_scenes(str(data / "caption_valid.tsv"), size)
     train_images, train_cells = train_images[: args.train_scenes], train_cells[: args.train_scenes]

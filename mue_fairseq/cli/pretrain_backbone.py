@@ -29,7 +29,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from data_utils.synthetic_task import COLORS, GRID, HOLLOW, SHAPES, SIZES, load_meta
-from mue_fairseq.data.image_transform import PatchImageTransform, decode_base64_image
+from mue_fairseq.data.image_transform import (
+    OFA_DEFAULT_MEAN, OFA_DEFAULT_STD, PatchImageTransform, decode_base64_image,
+)
 from mue_fairseq.ofa.resnet import build_resnet
 
 logger = logging.getLogger("mue_fairseq.pretrain_backbone")
@@ -97,8 +99,10 @@ class CellClassifier(nn.Module):
 
 
 def normalise(images: torch.Tensor) -> torch.Tensor:
-    """uint8 pixels -> OFA's default normalisation (mean 0.5, std 0.5)."""
-    return images.float().div(255).sub(0.5).div(0.5)
+    """uint8 pixels -> OFA's default normalisation, as the tasks apply it."""
+    mean = torch.tensor(OFA_DEFAULT_MEAN).view(1, -1, 1, 1)
+    std = torch.tensor(OFA_DEFAULT_STD).view(1, -1, 1, 1)
+    return (images.float() / 255 - mean) / std
 
 
 @torch.no_grad()
@@ -132,12 +136,10 @@ def pretrain(args: argparse.Namespace) -> Dict:
     started, running = time.time(), []
     for step in range(1, args.steps + 1):
         batch = torch.randint(len(images), (args.batch_size,), generator=generator)
-        batch_images = images[batch]
+        batch_images, batch_targets = images[batch], targets[batch].view(-1, GRID, GRID)
         if args.flip:  # mirror half the batch with its cell grid: more layouts from the same scenes
             flip = torch.rand(len(batch), generator=generator) < 0.5
             batch_images = torch.where(flip[:, None, None, None], batch_images.flip(-1), batch_images)
-        batch_targets = targets[batch].view(-1, GRID, GRID)
-        if args.flip:
             batch_targets = torch.where(flip[:, None, None], batch_targets.flip(-1), batch_targets)
         loss = F.cross_entropy(model(normalise(batch_images)), batch_targets.flatten(1))
         optimizer.zero_grad()
