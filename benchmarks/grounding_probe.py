@@ -89,15 +89,19 @@ def word_losses(model, task, valid_file: Path, rows: int = 320) -> Dict[str, Dic
     kinds = {**{w: "colour" for w in list(COLORS) + [HOLLOW]}, **{w: "shape" for w in SHAPES},
              **{w: "size" for w in SIZES}}
     # Evaluation rows hold every reference joined by "&&"; score the first one alone.
-    single = Path(tempfile.mkdtemp()) / "caption_valid_first_reference.tsv"
-    with open(valid_file, encoding="utf-8") as source, open(single, "w", encoding="utf-8") as target_file:
-        for line in source:
-            columns = line.rstrip("\n").split("\t")
-            columns[2] = columns[2].split("&&")[0]
-            target_file.write("\t".join(columns) + "\n")
-    task.cfg.data = str(single)
-    task.load_dataset("valid")
-    dataset = task.dataset("valid")
+    with tempfile.TemporaryDirectory() as scratch:
+        single = Path(scratch) / "caption_valid_first_reference.tsv"
+        with open(valid_file, encoding="utf-8") as source, open(single, "w", encoding="utf-8") as target_file:
+            for line in source:
+                columns = line.rstrip("\n").split("\t")
+                columns[2] = columns[2].split("&&")[0]
+                target_file.write("\t".join(columns) + "\n")
+        task.cfg.data = str(single)
+        task.load_dataset("valid")
+        return _word_losses(model, task, task.dataset("valid"), rows, kinds)
+
+
+def _word_losses(model, task, dataset, rows: int, kinds: Dict[str, str]) -> Dict[str, Dict[str, float]]:
     totals: Dict[str, list] = {}
     for start in range(0, min(rows, len(dataset)), 16):
         sample = dataset.collater([dataset[i] for i in range(start, min(start + 16, len(dataset)))])
