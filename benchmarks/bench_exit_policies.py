@@ -150,9 +150,10 @@ def sweep_task(task: str, work: Path, data_dir: Path, bpe_dir: str, args) -> Lis
 
     from mue_fairseq.cli import quickstart
 
-    backbone_args = quickstart.pretrain_backbone(work, data_dir, args.pretrain_backbone_steps)
+    recipe = quickstart.pretrain_backbone(work, data_dir, args.pretrain_backbone_steps) + quickstart.hold_encoder(
+        args.freeze_encoder_layers_updates)
     checkpoint = quickstart.train(task, data_dir, work / f"checkpoints_{task}", args.updates, args.train_batch_size,
-                                  bpe_dir, backbone_args)
+                                  bpe_dir, recipe)
     models, task_obj, cfg = quickstart.load(task, checkpoint, data_dir, bpe_dir, args.batch_sizes[0])
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     test_file = data_dir / quickstart.TASKS[task]["files"][2]
@@ -417,6 +418,8 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     parser.add_argument("--train-batch-size", type=int, default=16)
     parser.add_argument("--pretrain-backbone-steps", type=int, default=0,
                         help="pre-train the ResNet on the scenes for this many steps before fine-tuning (as the quickstart)")
+    parser.add_argument("--freeze-encoder-layers-updates", type=int, default=0,
+                        help="keep the encoder layers fixed for the first N training updates (as the quickstart)")
     parser.add_argument("--num-train", type=int, default=2000,
                         help="training images of the synthetic task, when --work-dir has no data yet (as the quickstart)")
     parser.add_argument("--batch-sizes", default="1,16", help="evaluation batch sizes")
@@ -466,7 +469,9 @@ def main(argv: Optional[List[str]] = None) -> Dict:
                  + ", ".join(f"{count_lines(data_dir / quickstart.TASKS[task]['files'][0]):,} {task} rows"
                              for task in args.tasks.split(","))
                  + (f"; ResNet pre-trained on the scenes for {args.pretrain_backbone_steps} steps first"
-                    if args.pretrain_backbone_steps else "; ResNet from scratch"),
+                    if args.pretrain_backbone_steps else "; ResNet from scratch")
+                 + (f"; encoder layers held fixed for the first {args.freeze_encoder_layers_updates} updates"
+                    if args.freeze_encoder_layers_updates else ""),
         "samples": args.max_samples,
         "machine": f"CPU, {torch.get_num_threads()} threads, torch {torch.__version__}, "
                    f"{platform.processor() or platform.machine()}, load average {load:.1f} at the end, "

@@ -111,6 +111,11 @@ def pretrain_backbone(work: Path, data_dir: Path, steps: int) -> List[str]:
     return ["--resnet-model-path", str(weights), "--freeze-resnet", "--freeze-resnet-weights"]
 
 
+def hold_encoder(updates: int) -> List[str]:
+    """fairseq-train arguments that keep the encoder layers fixed for the first `updates` updates."""
+    return ["--freeze-encoder-layers-updates", str(updates)] if updates > 0 else []
+
+
 def evaluate(models, task, cfg, settings: Dict, subset: str, data_file: Path):
     """Evaluate `data_file` (named `subset`) with these exit settings."""
     from mue_fairseq.cli.evaluate import run_evaluation
@@ -239,6 +244,9 @@ def main(argv=None):
     parser.add_argument("--pretrain-backbone-steps", type=int, default=0,
                         help="pre-train the ResNet to name each grid cell's object for this many steps before "
                         "fine-tuning (the stand-in for OFA's ImageNet-initialised ResNet); 0 = from scratch")
+    parser.add_argument("--freeze-encoder-layers-updates", type=int, default=0,
+                        help="keep the encoder layers fixed for the first N training updates, so that the decoder "
+                        "learns to read the picture before the encoder can wash it out; 0 = off")
     args = parser.parse_args(argv)
 
     from data_utils.synthetic_task import build_synthetic_task
@@ -249,7 +257,8 @@ def main(argv=None):
     data_dir = work / "data"
     if not (data_dir / "synthetic_task_info.json").exists():
         build_synthetic_task(data_dir, seed=1, num_train=args.num_train, num_valid=200, num_test=200)
-    backbone_args = pretrain_backbone(work, data_dir, args.pretrain_backbone_steps)
+    backbone_args = pretrain_backbone(work, data_dir, args.pretrain_backbone_steps) + hold_encoder(
+        args.freeze_encoder_layers_updates)
     rows = []
     for task in args.tasks.split(","):
         rows += run_task(task, work, data_dir, args.bpe_dir, args.updates, args.batch_size, backbone_args)

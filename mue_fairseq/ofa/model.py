@@ -82,6 +82,11 @@ PLUGIN_MODEL_OPTIONS = [
     ("--freeze-resnet-weights", _FLAG,
      "do not train the ResNet's weights: a pre-trained backbone (--resnet-model-path) stays a fixed feature "
      "extractor; in a small model, Adam's per-parameter steps on the ResNet's tiny gradients erase it"),
+    ("--freeze-encoder-layers-updates", {"type": int, "default": 0},
+     "the encoder's transformer layers get no weight updates during the first N updates (the embeddings, the "
+     "image projection and the decoder still train). Trained from scratch, the decoder first learns the "
+     "caption language, and meanwhile the encoder layers wash the picture out of the image stream; held "
+     "fixed, they pass it through until the decoder reads it. 0 = off (OFA's behaviour)"),
 ]
 
 
@@ -94,6 +99,7 @@ class OFAModel(FairseqEncoderDecoderModel):
         self.args = args
         self.apply(init_bert_params)
         self.eos = encoder.dictionary.eos()
+        self.num_updates = 0  # set by fairseq's trainer before each training step
 
     @staticmethod
     def add_args(parser):
@@ -122,7 +128,33 @@ class OFAModel(FairseqEncoderDecoderModel):
             cls.load_resnet_weights(encoder, args.resnet_model_path)
         if getattr(args, "freeze_resnet_weights", False):
             encoder.embed_images.requires_grad_(False)
+        hold = getattr(args, "freeze_encoder_layers_updates", 0) or 0
+        if hold < 0:
+            raise ValueError(f"--freeze-encoder-layers-updates must be >= 0, got {hold}")
+        if hold and getattr(args, "distributed_world_size", 1) > 1 and not getattr(args, "find_unused_parameters", False):
+            raise ValueError("--freeze-encoder-layers-updates with several processes needs --find-unused-parameters: "
+                             "DDP must not wait for the held layers' gradients")
+        half = [flag for flag in ("fp16", "bf16", "memory_efficient_fp16", "memory_efficient_bf16")
+                if getattr(args, flag, False)]
+        if hold and half:
+            raise ValueError(f"--freeze-encoder-layers-updates does not work with --{half[0].replace('_', '-')}: "
+                             "fairseq's half-precision optimizers copy gradients by the parameters that need "
+                             "them, and the held layers change that set during training; train in float32")
         return cls(args, encoder, decoder)
+
+    def set_num_updates(self, num_updates):
+        super().set_num_updates(num_updates)
+        self.num_updates = num_updates
+
+    def hold_encoder_layers(self) -> None:
+        """Switch the encoder layers' gradients off inside the --freeze-encoder-layers-updates window.
+
+        Done at forward time, not at build time: fairseq builds the optimizer over the parameters
+        that need gradients then, and the layers must be in it for when the window ends. Without a
+        gradient a parameter is skipped by the optimizer (no step, no weight decay)."""
+        hold = getattr(self.args, "freeze_encoder_layers_updates", 0) or 0
+        if hold:
+            self.encoder.layers.requires_grad_(self.num_updates >= hold)
 
     @staticmethod
     def load_resnet_weights(encoder: OFAEncoder, path: str) -> None:
@@ -162,6 +194,8 @@ class OFAModel(FairseqEncoderDecoderModel):
     ):
         if classification_head_name is not None:
             raise NotImplementedError("OFA classification heads are not supported by mue-fairseq")
+        if self.training:
+            self.hold_encoder_layers()
         encoder_out = self.encoder(
             src_tokens,
             src_lengths=src_lengths,
@@ -236,6 +270,7 @@ def ofa_large_architecture(args):
         "token_bucket_size": 256,
         "image_bucket_size": 42,
         "freeze_resnet_weights": False,
+        "freeze_encoder_layers_updates": 0,
         "freeze_encoder_embedding": False,
         "freeze_decoder_embedding": False,
         "add_type_embedding": True,
