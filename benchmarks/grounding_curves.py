@@ -3,8 +3,9 @@
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/grounding_curves.py --data work_dirs/grounding/data \\
         --resnet work_dirs/exit_policies_backbone/backbone_resnet_600_steps.pt --out benchmarks/results/grounding_curves
 
-Trains the quickstart's caption model (same options, data pipeline and layer-wise-free cross-entropy)
-for a few hundred updates under each recipe and records the training loss:
+Trains the quickstart's caption model (its options and data pipeline; the last layer's plain
+cross-entropy) for a few hundred updates under each recipe, from the same initialisation and on
+the same batches, and records the training loss:
 
 * ``no_picture``: every image blanked, so the loss can only fall to what the caption language
   alone predicts: the floor a model that does not read the picture stays on;
