@@ -10,7 +10,7 @@ the same batches, and records the training loss:
 * ``no_picture``: every image blanked, so the loss can only fall to what the caption language
   alone predicts: the floor a model that does not read the picture stays on;
 * ``ofa``: the plain recipe;
-* ``encoder_1_layer``: the same with a one-layer encoder;
+* ``encoder_1_layer`` / ``decoder_1_layer``: the same with a one-layer encoder / decoder;
 * ``encoder_held``: the encoder layers get no updates (``--freeze-encoder-layers-updates``
   covering the whole run), everything else trains.
 
@@ -38,6 +38,7 @@ RECIPES = {
     "no_picture": [],
     "ofa": [],
     "encoder_1_layer": ["--encoder-layers", "1"],
+    "decoder_1_layer": ["--decoder-layers", "1"],
     "encoder_held": ["--freeze-encoder-layers-updates", "1000000"],
 }
 
