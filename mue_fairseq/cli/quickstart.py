@@ -257,11 +257,11 @@ def main(argv=None):
     data_dir = work / "data"
     if not (data_dir / "synthetic_task_info.json").exists():
         build_synthetic_task(data_dir, seed=1, num_train=args.num_train, num_valid=200, num_test=200)
-    backbone_args = pretrain_backbone(work, data_dir, args.pretrain_backbone_steps) + hold_encoder(
+    recipe = pretrain_backbone(work, data_dir, args.pretrain_backbone_steps) + hold_encoder(
         args.freeze_encoder_layers_updates)
     rows = []
     for task in args.tasks.split(","):
-        rows += run_task(task, work, data_dir, args.bpe_dir, args.updates, args.batch_size, backbone_args)
+        rows += run_task(task, work, data_dir, args.bpe_dir, args.updates, args.batch_size, recipe)
     table = print_table(rows)
     (work / "quickstart_results.json").write_text(json.dumps(rows, indent=1))
     (work / "quickstart_table.txt").write_text(table + "\n")

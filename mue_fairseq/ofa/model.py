@@ -128,19 +128,26 @@ class OFAModel(FairseqEncoderDecoderModel):
             cls.load_resnet_weights(encoder, args.resnet_model_path)
         if getattr(args, "freeze_resnet_weights", False):
             encoder.embed_images.requires_grad_(False)
+        cls.check_encoder_hold(args)
+        return cls(args, encoder, decoder)
+
+    @staticmethod
+    def check_encoder_hold(args) -> None:
+        """Refuse --freeze-encoder-layers-updates settings that training would get wrong."""
         hold = getattr(args, "freeze_encoder_layers_updates", 0) or 0
         if hold < 0:
             raise ValueError(f"--freeze-encoder-layers-updates must be >= 0, got {hold}")
-        if hold and getattr(args, "distributed_world_size", 1) > 1 and not getattr(args, "find_unused_parameters", False):
+        if not hold:
+            return
+        if getattr(args, "distributed_world_size", 1) > 1 and not getattr(args, "find_unused_parameters", False):
             raise ValueError("--freeze-encoder-layers-updates with several processes needs --find-unused-parameters: "
                              "DDP must not wait for the held layers' gradients")
         half = [flag for flag in ("fp16", "bf16", "memory_efficient_fp16", "memory_efficient_bf16")
                 if getattr(args, flag, False)]
-        if hold and half:
+        if half:
             raise ValueError(f"--freeze-encoder-layers-updates does not work with --{half[0].replace('_', '-')}: "
                              "fairseq's half-precision optimizers copy gradients by the parameters that need "
                              "them, and the held layers change that set during training; train in float32")
-        return cls(args, encoder, decoder)
 
     def set_num_updates(self, num_updates):
         super().set_num_updates(num_updates)
