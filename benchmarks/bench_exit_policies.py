@@ -152,6 +152,8 @@ def sweep_task(task: str, work: Path, data_dir: Path, bpe_dir: str, args) -> Lis
 
     recipe = quickstart.pretrain_backbone(work, data_dir, args.pretrain_backbone_steps) + quickstart.hold_encoder(
         args.freeze_encoder_layers_updates)
+    if args.finetune_from_model:  # OFA's way: a task starts from a model that already reads pictures
+        recipe += ["--finetune-from-model", args.finetune_from_model]
     checkpoint = quickstart.train(task, data_dir, work / f"checkpoints_{task}", args.updates, args.train_batch_size,
                                   bpe_dir, recipe)
     models, task_obj, cfg = quickstart.load(task, checkpoint, data_dir, bpe_dir, args.batch_sizes[0])
@@ -319,7 +321,8 @@ def markdown(rows: List[Dict], summary: Dict, setting: Dict) -> str:
         f"{setting['machine']}. Measured speed-up = model time "
         "at full depth / with the policy, both in this run (full depth timed at the start and the end of "
         "each sweep, the faster kept). Expected = FLOP model of the exits taken (layer count where FLOPs "
-        "are not modelled). Each policy's row is its fastest setting that keeps the target quality on these "
+        "are not modelled); layer-count = the paper's expected time (layers run, streams and tokens "
+        "alike, without the ResNet, embeddings and output projection). Each policy's row is its fastest setting that keeps the target quality on these "
         "rows (the same oracle choice for every policy; no separate calibration split).",
         "",
     ]
@@ -331,8 +334,8 @@ def markdown(rows: List[Dict], summary: Dict, setting: Dict) -> str:
                       f"{full['quality']:.2f}; full depth {1000 * full['seconds'] / full['num_samples']:.1f} ms/sample)",
                       "",
                       "| method | knob | " + full["metric"] + " | of full | img / txt / dec layers | "
-                      "measured speed-up | expected speed-up |",
-                      "|---|---|---:|---:|---|---:|---:|"]
+                      "measured speed-up | expected speed-up | layer-count speed-up |",
+                      "|---|---|---:|---:|---|---:|---:|---:|"]
             for policy in POLICIES:
                 row = entry["chosen"][policy]
                 note = ""
@@ -402,7 +405,14 @@ def samples_per_task(rows: Sequence[Dict]) -> Dict[str, int]:
 def _table_row(title: str, row: Dict) -> str:
     layers = " / ".join(_fmt(row.get(k), "{:.1f}") for k in ("image_layers", "text_layers", "decoder_layers"))
     return (f"| {title} | {row['knob']} {row['value']} | {row['quality']:.2f} | {row['quality_ratio']:.1%} | "
-            f"{layers} | {row['measured_speedup']:.2f}x | {_fmt(row.get('expected_speedup'), '{:.2f}x')} |")
+            f"{layers} | {row['measured_speedup']:.2f}x | {_fmt(row.get('expected_speedup'), '{:.2f}x')} | "
+            f"{_fmt(layer_count_speedup(row), '{:.2f}x')} |")
+
+
+def layer_count_speedup(row: Dict) -> Optional[float]:
+    """The paper's measure: layers run at full depth / layers run, streams and tokens alike."""
+    reduction = row.get("expected_reduction_layers")
+    return 1.0 / (1.0 - reduction) if reduction is not None and reduction < 1 else None
 
 
 def main(argv: Optional[List[str]] = None) -> Dict:
@@ -422,6 +432,9 @@ def main(argv: Optional[List[str]] = None) -> Dict:
                         help="keep the encoder layers fixed for the first N training updates (as the quickstart)")
     parser.add_argument("--num-train", type=int, default=2000,
                         help="training images of the synthetic task, when --work-dir has no data yet (as the quickstart)")
+    parser.add_argument("--finetune-from-model", default=None, metavar="CHECKPOINT",
+                        help="start training from this checkpoint's weights (fairseq-train's option of the same "
+                        "name), e.g. the caption model for entailment, as OFA fine-tunes from its pre-trained model")
     parser.add_argument("--batch-sizes", default="1,16", help="evaluation batch sizes")
     parser.add_argument("--max-samples", type=int, default=96, help="test rows evaluated per setting")
     parser.add_argument("--entropies", default="0.05,0.2,0.5,1,2,4")
@@ -435,6 +448,8 @@ def main(argv: Optional[List[str]] = None) -> Dict:
                         "several files (e.g. one per task) are merged")
     args = parser.parse_args(argv)
     args.batch_sizes = [int(v) for v in args.batch_sizes.split(",")]
+    if args.finetune_from_model and not Path(args.finetune_from_model).is_file():
+        parser.error(f"--finetune-from-model: no checkpoint file {args.finetune_from_model}")
     if args.from_json:
         runs = [json.loads(Path(path).read_text()) for path in args.from_json]
         rows = [row for run in runs for row in run["rows"]]
@@ -471,7 +486,8 @@ def main(argv: Optional[List[str]] = None) -> Dict:
                  + (f"; ResNet pre-trained on the scenes for {args.pretrain_backbone_steps} steps first"
                     if args.pretrain_backbone_steps else "; ResNet from scratch")
                  + (f"; encoder layers held fixed for the first {args.freeze_encoder_layers_updates} updates"
-                    if args.freeze_encoder_layers_updates else ""),
+                    if args.freeze_encoder_layers_updates else "")
+                 + (f"; initialised from {args.finetune_from_model}" if args.finetune_from_model else ""),
         "samples": args.max_samples,
         "machine": f"CPU, {torch.get_num_threads()} threads, torch {torch.__version__}, "
                    f"{platform.processor() or platform.machine()}, load average {load:.1f} at the end, "

@@ -1,5 +1,6 @@
 """The exit-policy benchmark's report logic (no timing here): which setting each policy is credited
 with, the depth check, and the tables."""
+import argparse
 import importlib.util
 from pathlib import Path
 
@@ -114,3 +115,54 @@ def test_caption_content_check_names_wrong_colours_and_shapes():
     assert caption_content_accuracy(predictions, meta) == 50.0
     predictions[1]["caption"] = "a hollow triangle left of a large red circle"
     assert caption_content_accuracy(predictions, meta) == 100.0
+
+
+def test_finetune_from_model_reaches_training_and_a_missing_file_is_refused(bench, tmp_path, monkeypatch):
+    from mue_fairseq.cli import quickstart
+
+    start = tmp_path / "caption_model.pt"
+    with pytest.raises(SystemExit):  # argparse's error: named option, nothing trained
+        bench.main(["--from-json", "unused.json", "--finetune-from-model", str(start)])
+    start.write_bytes(b"weights")
+    seen = {}
+
+    class Trained(Exception):
+        pass
+
+    def fake_train(task, data_dir, save_dir, updates, batch_size, bpe_dir, extra_args=()):
+        seen["args"] = list(extra_args)
+        raise Trained
+
+    monkeypatch.setattr(quickstart, "train", fake_train)
+    args = argparse.Namespace(pretrain_backbone_steps=0, freeze_encoder_layers_updates=400,
+                              finetune_from_model=str(start), updates=10, train_batch_size=16)
+    with pytest.raises(Trained):
+        bench.sweep_task("snli_ve", tmp_path, tmp_path / "data", "bpe", args)
+    assert seen["args"] == ["--freeze-encoder-layers-updates", "400", "--finetune-from-model", str(start)]
+
+
+def test_exit_ceiling_times_full_depth_against_one_layer_everywhere(tmp_path, tmp_path_factory):
+    import json
+    import sys
+
+    from tiny_checkpoint import LAYERS, tiny_checkpoint
+
+    tiny = tiny_checkpoint("caption", tmp_path_factory)
+    sys.path.insert(0, str(SCRIPT.parent))
+    import exit_ceiling
+
+    out = tmp_path / "ceiling.json"
+    common = ["--work-dir", str(tiny.data_dir.parent), "--task", "caption", "--bpe-dir", tiny.bpe_dir,
+              "--max-samples", "2", "--batch-sizes", "1,2", "--repeats", "1", "--out", str(out)]
+    with pytest.raises(SystemExit):  # a missing checkpoint is named before anything loads
+        exit_ceiling.main(common + ["--checkpoint", str(tmp_path / "missing.pt")])
+    report = exit_ceiling.main(common + ["--checkpoint", str(tiny.checkpoint)])
+    assert json.loads(out.read_text())["rows"] == report["rows"]
+    assert [row["batch_size"] for row in report["rows"]] == [1, 2]
+    for row in report["rows"]:
+        assert row["num_samples"] == 2
+        for name, depth in (("full depth", LAYERS), ("depth 1", 1)):
+            means = row["mean_exit_layers"][name]
+            assert (means["image"], means["text"], means["decoder"]) == (depth, depth, depth), name
+        full, shallow = (row["ms_per_sample"][name] for name in ("full depth", "depth 1"))
+        assert row["ceiling_speedup"] == pytest.approx(full / shallow)
