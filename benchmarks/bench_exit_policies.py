@@ -322,8 +322,9 @@ def markdown(rows: List[Dict], summary: Dict, setting: Dict) -> str:
         "at full depth / with the policy, both in this run (full depth timed at the start and the end of "
         "each sweep, the faster kept). Expected = FLOP model of the exits taken (layer count where FLOPs "
         "are not modelled); layer-count = the paper's expected time (layers run, streams and tokens "
-        "alike, without the ResNet, embeddings and output projection). Each policy's row is its fastest setting that keeps the target quality on these "
-        "rows (the same oracle choice for every policy; no separate calibration split).",
+        "alike, without the ResNet, embeddings and output projection). Each policy's row is its fastest "
+        "setting that keeps the target quality on these rows (the same oracle choice for every policy; "
+        "no separate calibration split).",
         "",
     ]
     for task, task_summary in summary.items():

@@ -77,8 +77,8 @@ def main(argv=None) -> Dict:
             "seconds_repeats": seconds, "quality": quality, "mean_exit_layers": layers,
             "ceiling_speedup": fastest["full depth"] / fastest["depth 1"],
         }
-        logger.info("%s batch %d: full depth %.1f ms/sample, depth 1 %.1f ms/sample: ceiling %.2fx (quality %.2f -> %.2f)",
-                    args.task, batch_size, row["ms_per_sample"]["full depth"], row["ms_per_sample"]["depth 1"],
+        logger.info("%s batch %d: full depth %.1f ms/sample, depth 1 %.1f ms/sample: ceiling %.2fx "
+                    "(quality %.2f -> %.2f)", args.task, batch_size, row["ms_per_sample"]["full depth"], row["ms_per_sample"]["depth 1"],
                     row["ceiling_speedup"], quality["full depth"], quality["depth 1"])
         rows.append(row)
     out = Path(args.out)

@@ -55,6 +55,11 @@ def test_tables_flag_missed_targets_and_too_easy_tasks(bench):
     assert "| patience (PABEE) (none meets the target: best quality shown) | k 1 | 75.00 |" in text
     assert "| MuE (similarity) | k 0.95 | 79.30 |" in text and "2.20x" in text
     assert "static half depth loses 2.00 points (< 5: the model does not need its depth" in text
+    # The paper's measure, from the layers run: half of them skipped is 2x, whatever the clock says.
+    mue = next(r for r in rows if r["policy"] == "MuE" and r["value"] == 0.95)
+    mue["expected_reduction_layers"] = 0.5
+    text = bench.markdown(rows, bench.summarise(rows), {"command": "cmd", "model": "m", "samples": 10, "machine": "x"})
+    assert "| MuE (similarity) | k 0.95 | 79.30 | 99.1% | 6.0 / 6.0 / 6.0 | 2.20x | 2.20x | 2.00x |" in text
 
 
 def test_points_mue_does_not_dominate_are_named(bench):
