@@ -78,8 +78,8 @@ def main(argv=None) -> Dict:
             "ceiling_speedup": fastest["full depth"] / fastest["depth 1"],
         }
         logger.info("%s batch %d: full depth %.1f ms/sample, depth 1 %.1f ms/sample: ceiling %.2fx "
-                    "(quality %.2f -> %.2f)", args.task, batch_size, row["ms_per_sample"]["full depth"], row["ms_per_sample"]["depth 1"],
-                    row["ceiling_speedup"], quality["full depth"], quality["depth 1"])
+                    "(quality %.2f -> %.2f)", args.task, batch_size, row["ms_per_sample"]["full depth"],
+                    row["ms_per_sample"]["depth 1"], row["ceiling_speedup"], quality["full depth"], quality["depth 1"])
         rows.append(row)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
