@@ -10,9 +10,10 @@
    (DeeBERT), patience (PABEE) and softmax confidence (CALM) on decoder tokens with the encoder at
    full depth; MuE's similarity exits (image, text and decoder thresholds moved together).
 3. Every setting is evaluated on the first `--max-samples` rows of the test split, at each batch
-   size, and timed (model only, device synchronised); the full-depth reference is measured at the
-   start and at the end of each batch size's sweep and the faster of the two is used, so a speed-up
-   is a ratio of two times taken in the same process minutes apart.
+   size, and timed (model only, device synchronised) in `--repeats` rounds: each round runs every
+   setting once, full depth first, and full depth runs once more after the last round. Each
+   setting keeps its fastest time, so a speed-up is a ratio of two best-of-N times taken in the
+   same process, interleaved, which a slow minute of the machine cannot fake in one direction.
    Entailment uses OFA's protocol for every policy: the three answers scored in one
    teacher-forced pass, a sample's candidates stopping together; entropy, patience and confidence
    judge the prediction of the first answer token.
@@ -33,7 +34,7 @@ import platform
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -145,6 +146,30 @@ def point_row(task: str, batch_size: int, point: Dict, result, stats, meta: Opti
     }
 
 
+def timed_rounds(points: Sequence[Dict], run_point: Callable[[Dict], Tuple], repeats: int) -> List[Dict]:
+    """Run every point `repeats` times in interleaved rounds (the first point, full depth, also once
+    after the last round); each point's first result and stats, with all its times and the fastest.
+
+    A point must give the same quality in every round: a difference means some setting leaked into
+    the next evaluation (or evaluation is not deterministic), and the sweep stops.
+    """
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    timed: List[Dict] = [{"point": point, "seconds_repeats": []} for point in points]
+    schedule = [entry for _ in range(repeats) for entry in timed] + timed[:1]
+    for entry in schedule:
+        result, stats = run_point(entry["point"])
+        if "result" not in entry:
+            entry["result"], entry["stats"] = result, stats
+        elif abs(result.quality() - entry["result"].quality()) > 1e-9:
+            raise RuntimeError(f"{entry['point']['policy']} {entry['point']['value']}: quality "
+                               f"{entry['result'].quality()} then {result.quality()}: settings leak")
+        entry["seconds_repeats"].append(result.seconds)
+    for entry in timed:
+        entry["seconds"] = min(entry["seconds_repeats"])
+    return timed
+
+
 def sweep_task(task: str, work: Path, data_dir: Path, bpe_dir: str, args) -> List[Dict]:
     import torch
 
@@ -176,18 +201,19 @@ def sweep_task(task: str, work: Path, data_dir: Path, bpe_dir: str, args) -> Lis
     for batch_size in args.batch_sizes:
         cfg.dataset.batch_size = batch_size
         evaluate_point(models, task_obj, cfg, {}, "test", snli_mode)  # warm-up, untimed
-        batch_rows = []
-        for point in points + [points[0]]:  # full depth again at the end
+
+        def run_point(point: Dict) -> Tuple:
             result, stats = evaluate_point(models, task_obj, cfg, point["options"], "test", snli_mode)
-            row = point_row(task, batch_size, point, result, stats, meta)
-            logger.info("%s batch %d %s %s=%s: %s %.2f, %.2f s", task, batch_size, point["policy"], point["knob"],
-                        point["value"], row["metric"], row["quality"], row["seconds"])
+            logger.info("%s batch %d %s %s=%s: %.2f, %.2f s", task, batch_size, point["policy"], point["knob"],
+                        point["value"], result.quality(), result.seconds)
+            return result, stats
+
+        batch_rows = []
+        for entry in timed_rounds(points, run_point, args.repeats):
+            row = point_row(task, batch_size, entry["point"], entry["result"], entry["stats"], meta)
+            row["seconds"], row["seconds_repeats"] = entry["seconds"], entry["seconds_repeats"]
             batch_rows.append(row)
-        first, last = batch_rows[0], batch_rows.pop()
-        if abs(first["quality"] - last["quality"]) > 1e-9:
-            raise RuntimeError(f"{task}: full depth gave {first['quality']} then {last['quality']}: settings leak")
-        first["seconds_repeats"] = [first["seconds"], last["seconds"]]
-        first["seconds"] = min(first["seconds"], last["seconds"])
+        first = batch_rows[0]
         for row in batch_rows:
             row["measured_speedup"] = first["seconds"] / row["seconds"] if row["seconds"] else float("nan")
             row["quality_ratio"] = row["quality"] / first["quality"] if first["quality"] else float("nan")
@@ -312,6 +338,14 @@ def _fmt(value, pattern: str, missing: str = "-") -> str:
     return missing if value is None or (isinstance(value, float) and math.isnan(value)) else pattern.format(value)
 
 
+def timing_method(setting: Dict) -> str:
+    repeats = setting.get("repeats")
+    if not repeats:  # runs before --repeats existed
+        return "each setting timed once; full depth at the start and the end of each sweep, the faster kept"
+    return (f"every setting timed in {repeats} interleaved rounds, full depth first in each and once more "
+            "at the end; each keeps its fastest time")
+
+
 def markdown(rows: List[Dict], summary: Dict, setting: Dict) -> str:
     lines = [
         f"Command: `{setting['command']}`",
@@ -319,8 +353,7 @@ def markdown(rows: List[Dict], summary: Dict, setting: Dict) -> str:
         f"Models: the quickstart's ({setting['model']}), trained with `mue_layerwise_ce`; the first test rows "
         f"({', '.join(f'{task} {count}' for task, count in samples_per_task(rows).items())}); "
         f"{setting['machine']}. Measured speed-up = model time "
-        "at full depth / with the policy, both in this run (full depth timed at the start and the end of "
-        "each sweep, the faster kept). Expected = FLOP model of the exits taken (layer count where FLOPs "
+        f"at full depth / with the policy, both in this run ({timing_method(setting)}). Expected = FLOP model of the exits taken (layer count where FLOPs "
         "are not modelled); layer-count = the paper's expected time (layers run, streams and tokens "
         "alike, without the ResNet, embeddings and output projection). Each policy's row is its fastest "
         "setting that keeps the target quality on these rows (the same oracle choice for every policy; "
@@ -438,6 +471,8 @@ def main(argv: Optional[List[str]] = None) -> Dict:
                         "name), e.g. the caption model for entailment, as OFA fine-tunes from its pre-trained model")
     parser.add_argument("--batch-sizes", default="1,16", help="evaluation batch sizes")
     parser.add_argument("--max-samples", type=int, default=96, help="test rows evaluated per setting")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="timed rounds over all settings; each setting keeps its fastest time")
     parser.add_argument("--entropies", default="0.05,0.2,0.5,1,2,4")
     parser.add_argument("--patiences", default="3,2,1")
     parser.add_argument("--confidences", default="0.99,0.9,0.7,0.5,0.3")
@@ -449,6 +484,8 @@ def main(argv: Optional[List[str]] = None) -> Dict:
                         "several files (e.g. one per task) are merged")
     args = parser.parse_args(argv)
     args.batch_sizes = [int(v) for v in args.batch_sizes.split(",")]
+    if args.repeats < 1:
+        parser.error(f"--repeats must be >= 1, got {args.repeats}")
     if args.finetune_from_model and not Path(args.finetune_from_model).is_file():
         parser.error(f"--finetune-from-model: no checkpoint file {args.finetune_from_model}")
     if args.from_json:
@@ -490,6 +527,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
                     if args.freeze_encoder_layers_updates else "")
                  + (f"; initialised from {args.finetune_from_model}" if args.finetune_from_model else ""),
         "samples": args.max_samples,
+        "repeats": args.repeats,
         "machine": f"CPU, {torch.get_num_threads()} threads, torch {torch.__version__}, "
                    f"{platform.processor() or platform.machine()}, load average {load:.1f} at the end, "
                    f"{(time.time() - started) / 60:.0f} min",

@@ -171,3 +171,39 @@ def test_exit_ceiling_times_full_depth_against_one_layer_everywhere(tmp_path, tm
             assert (means["image"], means["text"], means["decoder"]) == (depth, depth, depth), name
         full, shallow = (row["ms_per_sample"][name] for name in ("full depth", "depth 1"))
         assert row["ceiling_speedup"] == pytest.approx(full / shallow)
+
+
+def test_timing_rounds_interleave_settings_keep_the_fastest_and_catch_leaks(bench):
+    class Result:
+        def __init__(self, quality, seconds):
+            self._quality, self.seconds = quality, seconds
+
+        def quality(self):
+            return self._quality
+
+    points = [{"policy": "full depth", "value": ""}, {"policy": "MuE", "value": 0.9}]
+    times = iter([5.0, 3.0, 4.0, 2.5, 4.5])  # full, MuE, full, MuE, full again at the end
+    order = []
+
+    def run_point(point):
+        order.append(point["policy"])
+        return Result(80.0 if point["policy"] == "full depth" else 79.0, next(times)), "stats"
+
+    timed = bench.timed_rounds(points, run_point, repeats=2)
+    assert order == ["full depth", "MuE", "full depth", "MuE", "full depth"]
+    assert [entry["seconds_repeats"] for entry in timed] == [[5.0, 4.0, 4.5], [3.0, 2.5]]
+    assert [entry["seconds"] for entry in timed] == [4.0, 2.5]
+    assert timed[1]["result"].quality() == 79.0 and timed[1]["stats"] == "stats"
+
+    qualities = iter([80.0, 79.0, 80.0, 78.0])  # MuE's second round differs: some setting leaked
+
+    def leaky(point):
+        return Result(next(qualities), 1.0), None
+
+    with pytest.raises(RuntimeError, match="MuE 0.9: quality 79.0 then 78.0"):
+        bench.timed_rounds(points, leaky, repeats=2)
+    with pytest.raises(ValueError, match="repeats must be >= 1"):
+        bench.timed_rounds(points, run_point, repeats=0)
+    text = bench.markdown(rows_for(1, 2.2), bench.summarise(rows_for(1, 2.2)),
+                          {"command": "cmd", "model": "m", "samples": 10, "machine": "x", "repeats": 3})
+    assert "every setting timed in 3 interleaved rounds" in text
