@@ -353,7 +353,7 @@ def markdown(rows: List[Dict], summary: Dict, setting: Dict) -> str:
         f"Models: the quickstart's ({setting['model']}), trained with `mue_layerwise_ce`; the first test rows "
         f"({', '.join(f'{task} {count}' for task, count in samples_per_task(rows).items())}); "
         f"{setting['machine']}. Measured speed-up = model time "
-        f"at full depth / with the policy, both in this run ({timing_method(setting)}). Expected = FLOP model of the exits taken (layer count where FLOPs "
+        f"at full depth / with the policy, both in this run ({setting.get('timing') or timing_method(setting)}). Expected = FLOP model of the exits taken (layer count where FLOPs "
         "are not modelled); layer-count = the paper's expected time (layers run, streams and tokens "
         "alike, without the ResNet, embeddings and output projection). Each policy's row is its fastest "
         "setting that keeps the target quality on these rows (the same oracle choice for every policy; "
@@ -495,6 +495,9 @@ def main(argv: Optional[List[str]] = None) -> Dict:
         setting["command"] = "; ".join(run["setting"]["command"] for run in runs)
         setting["machine"] = "; ".join(dict.fromkeys(run["setting"]["machine"] for run in runs))
         setting["model"] = "; ".join(dict.fromkeys(run["setting"]["model"] for run in runs))
+        setting["timing"] = "; ".join(  # runs merged here may have been timed differently
+            f"{', '.join(sorted({row['task'] for row in run['rows']}))}: {timing_method(run['setting'])}"
+            for run in runs)
         return report(rows, setting, Path(args.out_dir), args.markdown)
 
     from data_utils.synthetic_task import build_synthetic_task

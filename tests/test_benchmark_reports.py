@@ -207,3 +207,19 @@ def test_timing_rounds_interleave_settings_keep_the_fastest_and_catch_leaks(benc
     text = bench.markdown(rows_for(1, 2.2), bench.summarise(rows_for(1, 2.2)),
                           {"command": "cmd", "model": "m", "samples": 10, "machine": "x", "repeats": 3})
     assert "every setting timed in 3 interleaved rounds" in text
+
+
+def test_merged_runs_say_how_each_task_was_timed(bench, tmp_path):
+    import json
+
+    base = {"model": "m", "samples": 10, "machine": "x"}
+    caption_rows = [dict(r, task="caption", metric="CIDEr-D") for r in rows_for(1, 1.1)]
+    runs = {"snli.json": ({**base, "command": "a"}, rows_for(1, 2.2)),  # timed before --repeats existed
+            "caption.json": ({**base, "command": "b", "repeats": 2}, caption_rows)}
+    for name, (setting, rows) in runs.items():
+        (tmp_path / name).write_text(json.dumps({"setting": setting, "rows": rows}))
+    bench.main(["--from-json", str(tmp_path / "snli.json"), str(tmp_path / "caption.json"),
+                "--out-dir", str(tmp_path / "out"), "--markdown", str(tmp_path / "B.md")])
+    text = (tmp_path / "B.md").read_text()
+    assert ("(snli_ve: each setting timed once; full depth at the start and the end of each sweep, the faster kept; "
+            "caption: every setting timed in 2 interleaved rounds") in text
