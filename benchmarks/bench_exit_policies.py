@@ -13,7 +13,7 @@
    size, and timed (model only, device synchronised) in `--repeats` rounds: each round runs every
    setting once, full depth first, and full depth runs once more after the last round. Each
    setting keeps its fastest time, so a speed-up is a ratio of two best-of-N times taken in the
-   same process, interleaved, which a slow minute of the machine cannot fake in one direction.
+   same process, interleaved, and a slow minute of the machine does not favour one setting.
    Entailment uses OFA's protocol for every policy: the three answers scored in one
    teacher-forced pass, a sample's candidates stopping together; entropy, patience and confidence
    judge the prediction of the first answer token.
@@ -352,8 +352,9 @@ def markdown(rows: List[Dict], summary: Dict, setting: Dict) -> str:
         "",
         f"Models: the quickstart's ({setting['model']}), trained with `mue_layerwise_ce`; the first test rows "
         f"({', '.join(f'{task} {count}' for task, count in samples_per_task(rows).items())}); "
-        f"{setting['machine']}. Measured speed-up = model time "
-        f"at full depth / with the policy, both in this run ({setting.get('timing') or timing_method(setting)}). Expected = FLOP model of the exits taken (layer count where FLOPs "
+        f"{setting['machine']}. Measured speed-up = model time at full depth / with the policy, both in "
+        f"this run ({setting.get('timing') or timing_method(setting)}). Expected = FLOP model of the exits "
+        "taken (layer count where FLOPs "
         "are not modelled); layer-count = the paper's expected time (layers run, streams and tokens "
         "alike, without the ResNet, embeddings and output projection). Each policy's row is its fastest "
         "setting that keeps the target quality on these rows (the same oracle choice for every policy; "
