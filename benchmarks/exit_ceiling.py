@@ -29,15 +29,22 @@ from mue_fairseq.cli import quickstart  # noqa: E402
 logger = logging.getLogger("exit_ceiling")
 
 
-def main(argv=None) -> Dict:
+def model_parser(description: str) -> argparse.ArgumentParser:
+    """Logging to stdout and the arguments that name a trained built-in model and its test rows
+    (shared with `profile_decoding.py`)."""
     logging.basicConfig(format="%(asctime)s | %(levelname)s | %(name)s | %(message)s", level=logging.INFO,
                         stream=sys.stdout, force=True)
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work-dir", required=True, help="quickstart-style work dir (data/)")
     parser.add_argument("--task", choices=sorted(quickstart.TASKS), default="caption")
     parser.add_argument("--checkpoint", required=True, help="the model's checkpoint")
     parser.add_argument("--bpe-dir", default=str(REPO.parent / "shared" / "ofa_bpe"))
     parser.add_argument("--max-samples", type=int, default=48, help="first test rows timed")
+    return parser
+
+
+def main(argv=None) -> Dict:
+    parser = model_parser(__doc__)
     parser.add_argument("--batch-sizes", default="1,16")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of each setting (fastest kept)")
     parser.add_argument("--out", required=True, help="JSON file to write")

@@ -223,3 +223,25 @@ def test_merged_runs_say_how_each_task_was_timed(bench, tmp_path):
     text = (tmp_path / "B.md").read_text()
     assert ("(snli_ve: each setting timed once; full depth at the start and the end of each sweep, the faster kept; "
             "caption: every setting timed in 2 interleaved rounds") in text
+
+
+def test_profile_decoding_alternates_full_depth_and_mue_and_prints_operators(tmp_path, tmp_path_factory, capsys):
+    import sys
+
+    from tiny_checkpoint import LAYERS, tiny_checkpoint
+
+    tiny = tiny_checkpoint("caption", tmp_path_factory)
+    sys.path.insert(0, str(SCRIPT.parent))
+    import profile_decoding
+
+    common = ["--work-dir", str(tiny.data_dir.parent), "--bpe-dir", tiny.bpe_dir, "--checkpoint",
+              str(tiny.checkpoint), "--max-samples", "2", "--batch-size", "2"]
+    with pytest.raises(SystemExit):  # a threshold outside [0, 1] is refused before anything loads
+        profile_decoding.main(common + ["--threshold", "1.5"])
+    records = profile_decoding.main(common + ["--threshold", "0.5", "--passes", "2", "--profile"])
+    assert [r["setting"] for r in records] == ["full depth", "MuE 0.5"] * 2
+    full = records[0]["layers"]
+    assert (full["image"], full["text"], full["decoder"]) == (LAYERS, LAYERS, LAYERS)
+    assert records[0]["quality"] == records[2]["quality"] and records[1]["quality"] == records[3]["quality"]
+    printed = capsys.readouterr().out
+    assert "full depth, batch 2" in printed and "MuE 0.5, batch 2" in printed and "aten::" in printed
