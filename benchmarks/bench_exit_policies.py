@@ -8,7 +8,10 @@
 2. Policies, each with its knob swept, on one loaded model per task (options changed in place):
    full depth; static depth k/N for every stream and token (the smaller-model baseline); entropy
    (DeeBERT), patience (PABEE) and softmax confidence (CALM) on decoder tokens with the encoder at
-   full depth; MuE's similarity exits (image, text and decoder thresholds moved together).
+   full depth; MuE's similarity exits, two ways: image, text and decoder thresholds moved
+   together, and the decoder threshold alone with both encoder streams at full depth (the
+   thresholds are separate knobs in MuE; the second way compares it with the prediction-based
+   policies at the same encoder depth).
 3. Every setting is evaluated on the first `--max-samples` rows of the test split, at each batch
    size, and timed (model only, device synchronised) in `--repeats` rounds: each round runs every
    setting once, full depth first, and full depth runs once more after the last round. Each
@@ -19,8 +22,8 @@
    judge the prediction of the first answer token.
 4. Output in `--out-dir`: `exit_policies.csv` (one row per task, batch, policy and knob),
    `exit_policies_fronts.png` (quality vs measured speed-up, Pareto front per policy),
-   `exit_policies.json`, and with `--markdown` the tables in BENCHMARKS.md: for each policy the
-   fastest setting that keeps the target (99% of full-depth accuracy, 96% of CIDEr-D), chosen on
+   `exit_policies.json`, and with `--markdown` the tables in BENCHMARKS.md: for each policy (and
+   each of MuE's two ways) the fastest setting that keeps the target (99% of full-depth accuracy, 96% of CIDEr-D), chosen on
    the same rows it is reported on (the same oracle choice for every policy), plus static half
    depth (the "does the task need depth" check: it must lose >= 5 points).
 """
@@ -74,7 +77,8 @@ def static_depth_options(depth: int) -> Dict:
 
 
 def policy_settings(num_layers: int, entropies: Sequence[float], patiences: Sequence[int],
-                    confidences: Sequence[float], similarities: Sequence[float]) -> List[Dict]:
+                    confidences: Sequence[float], similarities: Sequence[float],
+                    decoder_similarities: Sequence[float] = ()) -> List[Dict]:
     """(policy, knob label, knob value, options) of every point of the sweep."""
     points = [{"policy": "full depth", "knob": "-", "value": "", "options": {}}]
     for depth in range(num_layers - 1, 1, -1):
@@ -91,6 +95,9 @@ def policy_settings(num_layers: int, entropies: Sequence[float], patiences: Sequ
     for value in similarities:
         points.append({"policy": "MuE", "knob": "threshold (img = txt = dec)", "value": value, "options": {
             "mue_image_threshold": value, "mue_text_threshold": value, "mue_decoder_threshold": value}})
+    for value in decoder_similarities:  # the encoder thresholds stay at 1 (NEUTRAL): full-depth streams
+        points.append({"policy": "MuE", "knob": "decoder threshold (img = txt = 1)", "value": value,
+                       "options": {"mue_decoder_threshold": value}})
     return points
 
 
@@ -196,7 +203,7 @@ def sweep_task(task: str, work: Path, data_dir: Path, bpe_dir: str, args) -> Lis
         meta = load_meta(str(meta_file)) if meta_file.exists() else None
     points = policy_settings(models[0].args.decoder_layers, parse_floats(args.entropies),
                              [int(v) for v in parse_floats(args.patiences)], parse_floats(args.confidences),
-                             parse_floats(args.similarities))
+                             parse_floats(args.similarities), parse_floats(args.decoder_similarities))
     rows = []
     for batch_size in args.batch_sizes:
         cfg.dataset.batch_size = batch_size
@@ -372,16 +379,16 @@ def markdown(rows: List[Dict], summary: Dict, setting: Dict) -> str:
                       "measured speed-up | expected speed-up | layer-count speed-up |",
                       "|---|---|---:|---:|---|---:|---:|---:|"]
             for policy in POLICIES:
-                row = entry["chosen"][policy]
-                note = ""
-                if row is None:
-                    candidates = [r for r in rows if r["task"] == task and r["batch_size"] == batch_size
-                                  and r["policy"] == policy]
-                    row = max(candidates, key=lambda r: r["quality"]) if candidates else None
-                    note = " (none meets the target: best quality shown)"
-                if row is None:
-                    continue
-                lines.append(_table_row(POLICY_TITLES[policy] + note, row))
+                policy_rows = [r for r in rows if r["task"] == task and r["batch_size"] == batch_size
+                               and r["policy"] == policy]
+                # A policy swept along several knobs (MuE: thresholds together, decoder alone) gets a row per knob.
+                for knob in dict.fromkeys(r["knob"] for r in policy_rows):
+                    candidates = [r for r in policy_rows if r["knob"] == knob]
+                    row, note = best_at_target(candidates), ""
+                    if row is None:
+                        row = max(candidates, key=lambda r: r["quality"])
+                        note = " (none meets the target: best quality shown)"
+                    lines.append(_table_row(POLICY_TITLES[policy] + note, row))
             half = entry["static_half"]
             if half is not None:
                 lines.append(_table_row("static depth, half the layers (depth check)", half))
@@ -477,7 +484,10 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     parser.add_argument("--entropies", default="0.05,0.2,0.5,1,2,4")
     parser.add_argument("--patiences", default="3,2,1")
     parser.add_argument("--confidences", default="0.99,0.9,0.7,0.5,0.3")
-    parser.add_argument("--similarities", default="0.99,0.98,0.97,0.95,0.93,0.9,0.85")
+    parser.add_argument("--similarities", default="0.99,0.98,0.97,0.95,0.93,0.9,0.85",
+                        help="MuE thresholds, image = text = decoder")
+    parser.add_argument("--decoder-similarities", default="0.98,0.95,0.9,0.8",
+                        help="MuE decoder thresholds with both encoder streams at full depth ('' for none)")
     parser.add_argument("--out-dir", default=str(REPO / "benchmarks" / "results"))
     parser.add_argument("--markdown", default=None, help="BENCHMARKS.md to update with the tables")
     parser.add_argument("--from-json", nargs="+", default=None, metavar="JSON",

@@ -62,6 +62,24 @@ def test_tables_flag_missed_targets_and_too_easy_tasks(bench):
     assert "| MuE (similarity) | k 0.95 | 79.30 | 99.1% | 6.0 / 6.0 / 6.0 | 2.20x | 2.20x | 2.00x |" in text
 
 
+def test_mue_decoder_alone_is_swept_with_full_depth_streams_and_gets_its_own_row(bench):
+    points = bench.policy_settings(6, [], [], [], [0.95], [0.9])
+    together, decoder_alone = [p for p in points if p["policy"] == "MuE"]
+    assert together["options"] == {"mue_image_threshold": 0.95, "mue_text_threshold": 0.95,
+                                   "mue_decoder_threshold": 0.95}
+    # Evaluation starts from NEUTRAL, so the streams' thresholds stay at 1: full depth.
+    options = {**bench.NEUTRAL, **decoder_alone["options"]}
+    assert (options["mue_image_threshold"], options["mue_text_threshold"], options["mue_decoder_threshold"]) == (
+        1.0, 1.0, 0.9)
+    rows = rows_for(1, 2.2) + [row("MuE", 0.8, 79.6, 1.8, knob="decoder threshold (img = txt = 1)"),
+                               row("MuE", 0.5, 70.0, 3.0, knob="decoder threshold (img = txt = 1)")]
+    summary = bench.summarise(rows)
+    assert summary["snli_ve"]["batches"][1]["mue_best"]["value"] == 0.95  # fastest MuE setting at the target
+    text = bench.markdown(rows, summary, {"command": "cmd", "model": "m", "samples": 10, "machine": "x"})
+    assert "| MuE (similarity) | k 0.95 | 79.30 |" in text
+    assert "| MuE (similarity) | decoder threshold (img = txt = 1) 0.8 | 79.60 |" in text
+
+
 def test_points_mue_does_not_dominate_are_named(bench):
     rows = rows_for(1, 2.2)
     escaped = bench.not_dominated_by_mue(rows)
@@ -238,10 +256,23 @@ def test_profile_decoding_alternates_full_depth_and_mue_and_prints_operators(tmp
               str(tiny.checkpoint), "--max-samples", "2", "--batch-size", "2"]
     with pytest.raises(SystemExit):  # a threshold outside [0, 1] is refused before anything loads
         profile_decoding.main(common + ["--threshold", "1.5"])
-    records = profile_decoding.main(common + ["--threshold", "0.5", "--passes", "2", "--profile"])
+    records = profile_decoding.main(common + ["--threshold", "0.5", "--passes", "2", "--profile"])["passes"]
     assert [r["setting"] for r in records] == ["full depth", "MuE 0.5"] * 2
     full = records[0]["layers"]
     assert (full["image"], full["text"], full["decoder"]) == (LAYERS, LAYERS, LAYERS)
     assert records[0]["quality"] == records[2]["quality"] and records[1]["quality"] == records[3]["quality"]
     printed = capsys.readouterr().out
     assert "full depth, batch 2" in printed and "MuE 0.5, batch 2" in printed and "aten::" in printed
+    with pytest.raises(SystemExit):
+        profile_decoding.main(common + ["--decoder-threshold", "-0.1"])
+    run = profile_decoding.main(common + ["--threshold", "1", "--decoder-threshold", "0", "--passes", "1",
+                                          "--breakdown"])
+    records = run["passes"]
+    assert records[1]["setting"] == "MuE image 1.0 / text 1.0 / decoder 0.0"
+    mue = records[1]["layers"]  # the streams keep full depth; every token stops after its first layer
+    assert (mue["image"], mue["text"], mue["decoder"]) == (LAYERS, LAYERS, 1.0)
+    full, exits = (run["breakdowns"][r["setting"]] for r in records)
+    for parts in (full, exits):  # every component was found, and the parts add up to the generation time
+        assert all(parts[name] > 0 for name in parts if name != "generator loop and the rest")
+        assert sum(v for k, v in parts.items() if k != "generation") == pytest.approx(parts["generation"])
+    assert "| output head (vocabulary projection) |" in capsys.readouterr().out
