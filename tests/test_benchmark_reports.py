@@ -272,7 +272,7 @@ def test_profile_decoding_alternates_full_depth_and_mue_and_prints_operators(tmp
     mue = records[1]["layers"]  # the streams keep full depth; every token stops after its first layer
     assert (mue["image"], mue["text"], mue["decoder"]) == (LAYERS, LAYERS, 1.0)
     full, exits = (run["breakdowns"][r["setting"]] for r in records)
-    for parts in (full, exits):  # every component was found, and the parts add up to the generation time
+    for parts in (full, exits):  # every component was found, and none is counted inside another
         assert all(parts[name] > 0 for name in parts if name != "generator loop and the rest")
-        assert sum(v for k, v in parts.items() if k != "generation") == pytest.approx(parts["generation"])
+        assert 0 <= parts["generator loop and the rest"] < parts["generation"]
     assert "| output head (vocabulary projection) |" in capsys.readouterr().out
