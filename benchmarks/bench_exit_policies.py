@@ -23,9 +23,10 @@
 4. Output in `--out-dir`: `exit_policies.csv` (one row per task, batch, policy and knob),
    `exit_policies_fronts.png` (quality vs measured speed-up, Pareto front per policy),
    `exit_policies.json`, and with `--markdown` the tables in BENCHMARKS.md: for each policy (and
-   each of MuE's two ways) the fastest setting that keeps the target (99% of full-depth accuracy, 96% of CIDEr-D), chosen on
-   the same rows it is reported on (the same oracle choice for every policy), plus static half
-   depth (the "does the task need depth" check: it must lose >= 5 points).
+   each of MuE's two ways) the fastest setting that keeps the target (99% of full-depth accuracy,
+   96% of CIDEr-D), chosen on the same rows it is reported on (the same oracle choice for every
+   policy), plus static half depth (the "does the task need depth" check: it must lose >= 5
+   points).
 """
 import argparse
 import csv

@@ -11,8 +11,8 @@ A quick check beside `bench_exit_policies.py` (which sweeps every policy): the s
 rows and the same evaluation, but only two settings, so a doubtful speed-up can be re-timed in a
 minute, and the operator table shows whether the layers, the gathers of per-row exits, or the
 output head take the time. `--breakdown` runs each setting once more under cProfile and splits its
-time by component (ResNet, encoder layers, decoder layers, output head, log-softmax, beam search,
-the rest); cProfile's own overhead inflates the Python-heavy parts, so read the shares, not the
+time by component (ResNet, encoder layers, decoder embeddings and layers, output head,
+log-softmax, beam search, the rest); cProfile's own overhead inflates the Python-heavy parts, so read the shares, not the
 seconds.
 """
 import cProfile
@@ -39,7 +39,8 @@ COMPONENT_FUNCTIONS: List[Tuple[str, str, str]] = [
     ("generation", "site-packages/fairseq/sequence_generator.py", "generate"),
     ("encoder", "mue_fairseq/models/mue_encoder.py", "forward"),
     ("ResNet and patch embedding", "mue_fairseq/ofa/encoder.py", "embed_image_patches"),
-    ("decoder layers (exit tests, caches)", "mue_fairseq/models/mue_decoder.py", "extract_features"),
+    # The decoder's features: each step's token embedding and position biases, then its layers.
+    ("decoder layers (embeddings, exit tests, caches)", "mue_fairseq/models/mue_decoder.py", "extract_features"),
     ("output head (vocabulary projection)", "mue_fairseq/ofa/decoder.py", "output_layer"),
     ("log-softmax", "fairseq/models/fairseq_model.py", "get_normalized_probs"),
     ("beam search step", "fairseq/search.py", "step"),
