@@ -13,7 +13,9 @@ minute, and the operator table shows whether the layers, the gathers of per-row 
 output head take the time. `--breakdown` runs each setting once more under cProfile and splits its
 time by component (ResNet, encoder layers, decoder embeddings and layers, output head,
 log-softmax, beam search, the rest); cProfile's own overhead inflates the Python-heavy parts, so read the shares, not the
-seconds.
+seconds. `--step-by-step-kv-too` times the MuE setting a third way, with the keys/values of the
+layers that every row skips projected at each step instead of deferred (the decoder's
+`defer_skipped_kv` off): the outputs are the same, so the difference is what the deferral saves.
 """
 import cProfile
 import logging
@@ -90,6 +92,9 @@ def main(argv=None) -> Dict:
                             help=f"MuE {stream} threshold (default: --threshold)")
     parser.add_argument("--passes", type=int, default=2, help="timed passes of each setting, alternating")
     parser.add_argument("--profile", action="store_true", help="also print each setting's top operators")
+    parser.add_argument("--step-by-step-kv-too", action="store_true",
+                        help="also time the MuE setting with the skipped layers' keys/values projected at every "
+                             "step, as before they were deferred (the same outputs; A/B of the deferral)")
     parser.add_argument("--breakdown", action="store_true",
                         help="also print each setting's time by component (one more run each, under cProfile)")
     args = parser.parse_args(argv)
@@ -114,11 +119,24 @@ def main(argv=None) -> Dict:
     same = len(set(thresholds.values())) == 1
     name = f"MuE {args.threshold}" if same else "MuE " + " / ".join(f"{k} {v}" for k, v in thresholds.items())
     settings = {"full depth": {}, name: mue}
+    step_by_step = f"{name}, keys/values step by step"
+    if args.step_by_step_kv_too:
+        settings[step_by_step] = mue
+
+    def evaluate(name, options):
+        for model in models:
+            model.decoder.defer_skipped_kv = name != step_by_step
+        try:
+            return evaluate_point(models, task, cfg, options, "test", "score")
+        finally:
+            for model in models:
+                model.decoder.defer_skipped_kv = True
+
     evaluate_point(models, task, cfg, {}, "test", "score")  # warm-up, untimed
     records = []
     for _ in range(args.passes):
         for name, options in settings.items():
-            result, stats = evaluate_point(models, task, cfg, options, "test", "score")
+            result, stats = evaluate(name, options)
             records.append({"setting": name, "quality": result.quality(), "seconds": result.seconds,
                             "layers": stats.summary()["mean_exit_layers"]})
             logger.info("batch %d %s: quality %.2f, %.2f s, layers %s", args.batch_size, name, result.quality(),
@@ -128,14 +146,14 @@ def main(argv=None) -> Dict:
 
         for name, options in settings.items():
             with profile() as prof:
-                evaluate_point(models, task, cfg, options, "test", "score")
+                evaluate(name, options)
             print(f"{name}, batch {args.batch_size}")
             print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18))
     breakdowns = {}
     if args.breakdown:
         for name, options in settings.items():
             profiler = cProfile.Profile()
-            profiler.runcall(evaluate_point, models, task, cfg, options, "test", "score")
+            profiler.runcall(evaluate, name, options)
             breakdowns[name] = component_seconds(pstats.Stats(profiler))
         print(f"Generation time by component, batch {args.batch_size} (cProfile, cumulative seconds):")
         print(breakdown_table(breakdowns))

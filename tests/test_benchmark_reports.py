@@ -266,13 +266,16 @@ def test_profile_decoding_alternates_full_depth_and_mue_and_prints_operators(tmp
     with pytest.raises(SystemExit):
         profile_decoding.main(common + ["--decoder-threshold", "-0.1"])
     run = profile_decoding.main(common + ["--threshold", "1", "--decoder-threshold", "0", "--passes", "1",
-                                          "--breakdown"])
+                                          "--breakdown", "--step-by-step-kv-too"])
     records = run["passes"]
-    assert records[1]["setting"] == "MuE image 1.0 / text 1.0 / decoder 0.0"
+    assert [r["setting"] for r in records[1:]] == ["MuE image 1.0 / text 1.0 / decoder 0.0",
+                                                    "MuE image 1.0 / text 1.0 / decoder 0.0, keys/values step by step"]
     mue = records[1]["layers"]  # the streams keep full depth; every token stops after its first layer
     assert (mue["image"], mue["text"], mue["decoder"]) == (LAYERS, LAYERS, 1.0)
-    full, exits = (run["breakdowns"][r["setting"]] for r in records)
-    for parts in (full, exits):  # every component was found, and none is counted inside another
+    # Deferring the skipped layers' keys/values changes no output.
+    assert records[2]["quality"] == records[1]["quality"] and records[2]["layers"] == mue
+    full, exits, step_by_step = (run["breakdowns"][r["setting"]] for r in records)
+    for parts in (full, exits, step_by_step):  # every component was found, none counted inside another
         assert all(parts[name] > 0 for name in parts if name != "generator loop and the rest")
         assert 0 <= parts["generator loop and the rest"] < parts["generation"]
     assert "| output head (vocabulary projection) |" in capsys.readouterr().out

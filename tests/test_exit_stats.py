@@ -5,6 +5,7 @@ in the comments), and against torch's own FLOP counter run over a real generatio
 """
 import json
 from argparse import Namespace
+from dataclasses import replace
 
 import pytest
 import torch
@@ -164,8 +165,8 @@ HAND_FLOPS = {
     "cross_kv": 73_728,
     # 5 tokens x 32*54 MACs
     "output_projection": 17_280,
-    # propagate: 5 tokens x 1 skipped layer x 2*32*32 MACs
-    "exit_extras": 20_480,
+    # propagate, deferred: no token runs layer 3 again, so its keys/values are never projected
+    "exit_extras": 0,
     # per batch, split over its 2 samples: text 11,040 + image 8,704 MACs = 39,488 FLOPs
     "encoder_position_bias": 19_744,
     # per batch: sum_s (2048 + 1056*(s+1)) = 26,080 MACs = 52,160 FLOPs, half per sample;
@@ -232,6 +233,38 @@ def test_full_depth_flop_references_match_the_counter(dictionary):
     assert not joint.decomposed
     per_sample = joint.full_depth_flops(SRC_LEN, NEW_TOKENS + 1, batch_size=2)
     assert 2 * sum(per_sample.values()) == counter.get_total_flops()
+
+
+def test_deferred_propagation_counts_only_the_layers_a_later_token_reaches():
+    model = F.OFAFlopModel(embed_dim=32, ffn_dim=64, heads=4, encoder_layers=LAYERS, decoder_layers=LAYERS,
+                           vocab_size=54, resnet_type="resnet18", image_size=IMAGE_SIZE)
+    exits = [1, 3, 1, 2, 1]
+    # step 0 skips layers 2-3, which step 1 runs; step 2 skips 2-3, of which step 3 runs layer 2;
+    # steps 3 and 4 skip layers that no later step reaches
+    assert model.decoder_flops(exits, 9)["exit_extras"] == 3 * F.propagate_kv_flops(32)
+    step_by_step = replace(model, defer_skipped_kv=False)
+    assert step_by_step.decoder_flops(exits, 9)["exit_extras"] == (2 + 0 + 2 + 1 + 2) * F.propagate_kv_flops(32)
+
+
+# Constant thresholds (beta 1) at which this model's one-sample tokens stop at these layers.
+PER_TOKEN_EXITS = {0.8: [3, 2, 2, 2, 2], 0.82: [3, 2, 3, 3, 3]}
+
+
+@pytest.mark.parametrize("defer", [True, False])
+@pytest.mark.parametrize("threshold", sorted(PER_TOKEN_EXITS))
+def test_per_token_exits_flops_match_the_counter(dictionary, threshold, defer):
+    """One sample, greedy: tokens stop at different layers, and the FLOP model prices the
+    propagated keys/values exactly as the decoder makes them, deferred or step by step: at 0.8
+    no skipped layer is run again (deferred: never projected), at 0.82 step 1's is."""
+    model = build_tiny_mue(dictionary, mue_decoder_threshold=threshold, mue_decoder_beta=1.0, mue_decoder_tau=0.0)
+    model.decoder.defer_skipped_kv = defer
+    sample = make_sample(1)
+    with FlopCounterMode(display=False) as counter:
+        hypos = generate(model, dictionary, sample)
+    stats = ExitStatistics.for_model(model, image_size=IMAGE_SIZE)
+    stats.add_generated(sample, hypos)
+    assert hypos[0][0]["exit_layers"].tolist() == PER_TOKEN_EXITS[threshold]
+    assert sum(stats.samples[0].flops.values()) == counter.get_total_flops()
 
 
 # ----------------------------------------------------------------------------- JSON, metrics, plots

@@ -1,5 +1,7 @@
 """MuE inference invariants on tiny models: exactness when disabled, decomposition, batch
 invariance, cache consistency, beam reordering and the extreme thresholds."""
+import copy
+
 import pytest
 import torch
 
@@ -106,8 +108,9 @@ def test_batch_invariance_of_exits_and_tokens(models, kv_policy):
     assert len(text_layers) > 1 and len(decoder_layers) > 1
 
 
-def run_steps(mue, dictionary, sample, steps, reorder=None):
-    """Drive the decoder incrementally over `steps` greedy steps; returns its incremental state."""
+def run_steps(mue, dictionary, sample, steps, reorder=None, settle=True):
+    """Drive the decoder incrementally over `steps` greedy steps; returns its incremental state,
+    with the deferred cache entries settled unless `settle` is False."""
     state = {}
     with torch.no_grad():
         encoder_out = mue.encoder(**sample["net_input"])
@@ -120,6 +123,8 @@ def run_steps(mue, dictionary, sample, steps, reorder=None):
                 tokens = tokens.index_select(0, reorder[1])
             logits, _ = mue.decoder(tokens, encoder_out=encoder_out, incremental_state=state)
             tokens = torch.cat([tokens, logits[:, -1].argmax(-1, keepdim=True).clamp_min(dictionary.nspecial)], dim=1)
+        if settle:
+            mue.decoder.settle_caches(state)
     return state
 
 
@@ -173,14 +178,49 @@ def test_beam_reordering_moves_caches_and_exit_records_together(models):
     _, mue, dictionary = models
     mue.set_exit_options(mue_kv_policy="propagate", **MIXED)
     sample = tiny_batch(dictionary, batch=3)
-    state = run_steps(mue, dictionary, sample, 4)
-    caches, record = snapshot(mue, state)
+    # Reordered before settling, so the deferred entries' exit states must move with the rows too.
+    state = run_steps(mue, dictionary, sample, 4, settle=False)
+    reference = copy.deepcopy(state)
+    mue.decoder.settle_caches(reference)
+    caches, record = snapshot(mue, reference)
     order = torch.tensor([1, 1, 0])  # beam search may duplicate a row and drop another
     mue.decoder.reorder_incremental_state_scripting(state, order)
+    mue.decoder.settle_caches(state)
     moved_caches, moved_record = snapshot(mue, state)
     assert torch.equal(moved_record, record.index_select(0, order))
     for before, after in zip(caches, moved_caches):
         assert torch.equal(after, before.index_select(0, order))
+
+
+def test_deferred_propagation_equals_step_by_step_propagation(models):
+    _, mue, dictionary = models
+    mue.set_exit_options(mue_encoder_mode="decomposed", mue_kv_policy="propagate", **MIXED)
+    sample = tiny_batch(dictionary, batch=3, seed=3)
+    # One row: a layer that its token skips is skipped by the whole batch, so its entry waits.
+    # At batch 3 (and with beams) rows stop at different layers: deferred and step-by-step
+    # entries mix in one cache.
+    lagging = run_steps(mue, dictionary, select(sample, [0]), 6, settle=False)
+    record = mue.decoder.exit_record(lagging)
+    lengths = [layer.self_attn._get_input_buffer(lagging).get("prev_key", torch.zeros(1, 1, 0)).size(2)
+               for layer in mue.decoder.layers]
+    assert record.max() < mue.decoder.num_layers and lengths[-1] < 6  # the deepest layer waited
+    assert lengths[0] == 6  # every token ran the first layer
+    mue.decoder.defer_skipped_kv = False
+    try:
+        eager = run_steps(mue, dictionary, sample, 6, settle=False)
+        eager_hypos = generate(mue, dictionary, sample)
+    finally:
+        mue.decoder.defer_skipped_kv = True
+    deferred = run_steps(mue, dictionary, sample, 6)
+    deferred_hypos = generate(mue, dictionary, sample)
+    assert torch.equal(mue.decoder.exit_record(deferred), mue.decoder.exit_record(eager))
+    for ours, theirs in zip(snapshot(mue, deferred)[0], snapshot(mue, eager)[0]):
+        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+    for ours, theirs in zip(deferred_hypos, eager_hypos):
+        for a, b in zip(ours, theirs):
+            assert a["tokens"].tolist() == b["tokens"].tolist()
+            assert a["exit_layers"].tolist() == b["exit_layers"].tolist()
+            assert abs(float(a["score"]) - float(b["score"])) < 1e-5
 
 
 def test_shrinking_batch_continues_like_a_fresh_run(models):

@@ -31,8 +31,11 @@ S = N + L encoder memory, V = vocabulary, s = decoding step from 0):
   cross-attention bias has a per-row part (key projection of the encoder positions once,
   a 1 x S product per step).
 * Exit extras: `propagate` projects keys/values of each skipped decoder layer (2*d*d per
-  skipped layer and token); `copy` and `none` cost nothing; `recompute` runs the skipped
-  layers anyway (no decoder saving);
+  skipped layer and token). The decoder defers them until a later token runs that layer, so
+  only the skipped layers that a later token of the row reaches again are counted (exact for
+  a row alone, or for a batch whose rows exit alike; in a mixed batch, another row running the
+  layer may force the projection: an undercount). `copy` and `none` cost nothing;
+  `recompute` runs the skipped layers anyway (no decoder saving);
   the prediction-based policies (entropy, confidence, patience) evaluate the output head
   (d*V) at each decision, counted as min(exit, layers - 1) decisions per token (an upper
   bound when leading steps are kept at full depth).
@@ -181,6 +184,7 @@ class OFAFlopModel:
     kv_policy: str = "propagate"
     exit_policy: str = "similarity"
     decomposed: bool = True
+    defer_skipped_kv: bool = True  # MuEDecoder.defer_skipped_kv (propagate only)
     num_patches: int = field(init=False)
 
     def __post_init__(self):
@@ -213,6 +217,7 @@ class OFAFlopModel:
             kv_policy=mue.kv_policy if mue is not None else "propagate",
             exit_policy=mue.policy if mue is not None else "similarity",
             decomposed=mue.decomposed if mue is not None else False,
+            defer_skipped_kv=getattr(model.decoder, "defer_skipped_kv", False),
         )
 
     def to_dict(self) -> dict:
@@ -252,6 +257,10 @@ class OFAFlopModel:
         recompute = self.kv_policy == "recompute"
         out = {"decoder_layers": 0, "cross_kv": 0, "output_projection": 0, "exit_extras": 0, "position_bias_row": 0}
         deepest = 0
+        # The deepest layer any later step of the row runs: deferred keys/values below it get made.
+        reached_later = [0] * (len(exit_layers) + 1)
+        for step in reversed(range(len(exit_layers))):
+            reached_later[step] = max(reached_later[step + 1], int(exit_layers[step]))
         for step, ran in enumerate(exit_layers):
             ran = int(ran)
             if not 1 <= ran <= layers:
@@ -264,7 +273,8 @@ class OFAFlopModel:
             if recompute:
                 out["exit_extras"] += skipped * layer_cost
             elif self.kv_policy == "propagate":
-                out["exit_extras"] += skipped * propagate_kv_flops(d)
+                projected = max(0, min(layers, reached_later[step + 1]) - ran) if self.defer_skipped_kv else skipped
+                out["exit_extras"] += projected * propagate_kv_flops(d)
             if self.exit_policy in PREDICTION_POLICIES:
                 out["exit_extras"] += min(ran, layers - 1) * output_projection_flops(d, self.vocab_size)
             deepest = max(deepest, layers if recompute else ran)

@@ -6,7 +6,10 @@ Theta(t), or a baseline policy), and its logits come from the shared final norm 
 projection. The self-attention cache of every layer still gets exactly one entry per step for
 every row, as the KV policy says:
 
-* propagate: each skipped layer projects its own key/value from the exit state;
+* propagate: each skipped layer projects its own key/value from the exit state. A layer that
+  every row skips at a step does this later, in one call for all the steps it missed, when a
+  row next runs it (or `settle_caches` asks): until then its cache lags and the exit states
+  wait in the incremental state ("exit_states", rows x steps x C);
 * copy: the exit layer's key/value for that position;
 * recompute: the skipped layers still run on the row (exact cache, no decoder saving);
 * none: nothing real is stored; per-row exits store a masked hole, and the authors'
@@ -37,6 +40,9 @@ class MuEDecoder(OFADecoder):
         super().__init__(args, dictionary, embed_tokens)
         self.mue = mue
         self.num_decoding_steps: int = args.max_target_positions
+        # propagate: project the keys/values of layers that no row runs only when a row next
+        # runs them. Off gives the same caches step by step (for tests and A/B timing).
+        self.defer_skipped_kv = True
 
     # ----------------------------------------------------------------- public hooks
     def begin_decoding(self, num_steps: int) -> None:
@@ -56,11 +62,21 @@ class MuEDecoder(OFADecoder):
             return self.output_layer(states)
         return F.linear(states, self.output_projection.weight.index_select(0, vocabulary))
 
+    def settle_caches(self, incremental_state: IncrementalState) -> None:
+        """Bring every layer's self-attention cache up to the steps decoded so far (the deferred
+        propagate entries), so that each holds one entry per position."""
+        history = self.get_incremental_state(incremental_state, "exit_states")
+        if history is None:
+            return
+        for layer in self.layers:
+            self._settle_layer(layer, incremental_state, history, history.size(1))
+
     def reorder_incremental_state(self, incremental_state: IncrementalState, new_order: Tensor):
         super().reorder_incremental_state(incremental_state, new_order)
-        record = self.exit_record(incremental_state)
-        if record is not None:
-            self.set_incremental_state(incremental_state, "exit_layers", record.index_select(0, new_order))
+        for name in ("exit_layers", "exit_states"):
+            value = self.get_incremental_state(incremental_state, name)
+            if value is not None:
+                self.set_incremental_state(incremental_state, name, value.index_select(0, new_order))
 
     # ----------------------------------------------------------------- forward
     def extract_features(
@@ -143,9 +159,16 @@ class MuEDecoder(OFADecoder):
         stopped = computing[:0]  # rows that left the computation at this step, with:
         stopped_states = x[:, :0]  # their exit states (propagate)
         stopped_kv = (x.new_zeros(0), x.new_zeros(0))  # their exit layer's key/value (copy)
+        defer = self.defer_skipped_kv and cfg.kv_policy == "propagate" and cfg.decoder_exits_enabled()
+        history = self.get_incremental_state(incremental_state, "exit_states") if defer else None
         h = x
         for idx, layer in enumerate(self.layers):
             sa = layer.self_attn
+            if defer:
+                if computing.numel() == 0:
+                    break  # every row stopped: the deeper layers' entries wait in the history
+                if history is not None:
+                    self._settle_layer(layer, incremental_state, history, step)
             normed = k_new = v_new = None
             if computing.numel():
                 normed = layer.self_attn_layer_norm(h) if layer.normalize_before else h
@@ -212,6 +235,10 @@ class MuEDecoder(OFADecoder):
         elif computing.numel():
             final[:, computing] = h
         self._record_exits(incremental_state, exit_layers)
+        if defer:
+            column = final.transpose(0, 1)  # R x 1 x C
+            history = column if history is None else torch.cat([history, column], dim=1)
+            self.set_incremental_state(incremental_state, "exit_states", history)
         if self.layer_norm is not None:
             final = self.layer_norm(final)
         return final.transpose(0, 1), {"attn": [None], "inner_states": [x], "exit_layers": [exit_layers]}
@@ -242,6 +269,23 @@ class MuEDecoder(OFADecoder):
             column_pad = torch.zeros(rows_total, 1, dtype=torch.bool, device=column_k.device)
             column_pad[stopped] = True
         return column_k, column_v, column_pad
+
+    @staticmethod
+    def _settle_layer(layer, incremental_state: IncrementalState, history: Tensor, upto: int) -> None:
+        """Append `layer`'s propagated keys/values for the steps from its cache length to `upto`,
+        which every row skipped, projected from their exit states in `history` in one call."""
+        sa = layer.self_attn
+        buffer = sa._get_input_buffer(incremental_state)
+        cached = buffer["prev_key"].size(2) if "prev_key" in buffer else 0
+        if cached >= upto:
+            return
+        states = history[:, cached:upto].transpose(0, 1)  # P x R x C
+        normed = layer.self_attn_layer_norm(states) if layer.normalize_before else states
+        k, v = sa.project_key_value(normed)  # R x H x P x d
+        if cached:
+            k, v = torch.cat([buffer["prev_key"], k], dim=2), torch.cat([buffer["prev_value"], v], dim=2)
+        buffer["prev_key"], buffer["prev_value"] = k, v
+        sa._set_input_buffer(incremental_state, buffer)
 
     @staticmethod
     def _append_to_cache(sa, incremental_state, buffer, column_k, column_v, column_pad):
