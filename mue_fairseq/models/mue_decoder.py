@@ -4,7 +4,7 @@ While decoding, each step runs the layers over the rows (hypotheses) that are st
 a row stops after layer i when its exit test passes (similarity with the decaying threshold
 Theta(t), or a baseline policy), and its logits come from the shared final norm and output
 projection. The self-attention cache of every layer still gets exactly one entry per step for
-every row, as the KV policy says:
+every row (by the time a row reads it), as the KV policy says:
 
 * propagate: each skipped layer projects its own key/value from the exit state. A layer that
   every row skips at a step does this later, in one call for all the steps it missed, when a
