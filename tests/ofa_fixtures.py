@@ -17,10 +17,17 @@ def fixture_paths(name: str):
     return REFERENCE_DIR / f"ofa_tiny_{name}.pt", REFERENCE_DIR / f"ofa_tiny_{name}_reference.pt"
 
 
+def require_file(path: Path) -> Path:
+    """`path`, or a test failure naming it: a missing fixture must turn the suite red, not skip."""
+    if not Path(path).exists():
+        pytest.fail(f"shared fixture {path} not found (the shared folder is {SHARED}; set MUE_SHARED_DIR)")
+    return Path(path)
+
+
 def require_fixture(name: str):
     checkpoint, reference = fixture_paths(name)
-    if not (checkpoint.exists() and reference.exists() and BPE_DIR.exists()):
-        pytest.skip(f"OFA reference fixture {name!r} not found under {SHARED} (set MUE_SHARED_DIR)")
+    for path in (checkpoint, reference, BPE_DIR):
+        require_file(path)
     return checkpoint, reference
 
 

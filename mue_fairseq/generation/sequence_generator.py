@@ -11,6 +11,8 @@ import torch
 from fairseq.sequence_generator import EnsembleModel, SequenceGenerator
 from torch import Tensor
 
+from mue_fairseq.generation.ngram_blocking import RepeatedNGramBlocker
+
 
 class OFAEnsembleModel(EnsembleModel):
     """fairseq's ensemble wrapper with OFA's constraint-trie masking of the last-step logits."""
@@ -79,12 +81,16 @@ class OFAEnsembleModel(EnsembleModel):
 
 
 class OFASequenceGenerator(SequenceGenerator):
-    """Beam search that starts from bos and honours an answer trie, as OFA's generator does."""
+    """Beam search that starts from bos, honours an answer trie and blocks repeated n-grams as OFA's
+    generator does."""
 
     def __init__(self, models, tgt_dict, constraint_trie=None, **kwargs):
         ensemble = models if isinstance(models, EnsembleModel) else OFAEnsembleModel(models, constraint_trie)
         super().__init__(ensemble, tgt_dict, **kwargs)
         self.bos = tgt_dict.bos()
+        if self.repeat_ngram_blocker is not None:
+            # fairseq-fixed's CPU fallback never bans anything (it reads padding); use OFA's rule.
+            self.repeat_ngram_blocker = RepeatedNGramBlocker(self.repeat_ngram_blocker.no_repeat_ngram_size)
         self.constraint_trie = constraint_trie
 
     def _generate(
