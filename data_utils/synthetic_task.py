@@ -544,7 +544,9 @@ def build_synthetic_task(
     Returns a dict of written paths with keys ``caption_{split}``, ``snli_ve_{split}``,
     ``caption_{split}_meta``, ``snli_ve_{split}_meta`` (split in train/valid/test),
     ``caption_{valid,test}_coco`` (COCO-format references), ``caption_valid_cider_df`` (CIDEr-D
-    document frequencies of the valid references) and ``info``.
+    document frequencies of the valid references, JSON), ``cider_cached_{train,valid}`` (the same
+    for train and valid in OFA's pickle layout, ``cider_cached_tokens/coco-{split}-words.p``, what
+    OFA's ``--eval-cider-cached-tokens`` / ``--scst-cider-cached-tokens`` read) and ``info``.
     """
     from mue_fairseq.metrics.cider import save_document_frequency
 
@@ -562,6 +564,7 @@ def build_synthetic_task(
         caption_rows, caption_meta = [], []
         snli_rows, snli_meta = [], []
         coco_images, coco_annotations = [], []
+        refs_by_image: dict[int, list[str]] = {}
         labels = _balanced_labels(n_images * cfg.hypotheses_per_image, rng)
         for i in range(n_images):
             scene = sample_scene(rng, cfg)
@@ -577,6 +580,7 @@ def build_synthetic_task(
                 "objects": [f"{o.size} {o.color_word} {o.shape} r{o.row}c{o.col}" for o in scene.objects],
             }
             captions = caption_variants(scene, cfg.captions_per_image, rng)
+            refs_by_image[image_id] = list(captions)
             caption_difficulty = len(scene.objects)
             if split == "train":
                 for caption in captions:
@@ -622,6 +626,12 @@ def build_synthetic_task(
                 df_path = os.path.join(out_dir, "caption_valid_cider_df.json")
                 save_document_frequency(refs, df_path)
                 paths["caption_valid_cider_df"] = df_path
+        if split != "test":
+            cached_dir = os.path.join(out_dir, "cider_cached_tokens")
+            os.makedirs(cached_dir, exist_ok=True)
+            cached_path = os.path.join(cached_dir, f"coco-{split}-words.p")
+            save_document_frequency(refs_by_image, cached_path)
+            paths[f"cider_cached_{split}"] = cached_path
         logger.info(
             "synthetic %s: %d images, %d caption rows, %d snli_ve rows",
             split, n_images, len(caption_rows), len(snli_rows),

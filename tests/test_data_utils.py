@@ -5,6 +5,7 @@ import filecmp
 import io
 import json
 import os
+import pickle
 import re
 from collections import Counter
 from pathlib import Path
@@ -331,6 +332,15 @@ def test_synthetic_caption_files(synthetic):
             captions = row[2].split("&&")
             assert len(captions) == cfg.captions_per_image and len(set(captions)) == len(captions)
             assert refs[int(row[1])] == captions
+    # OFA's cached CIDEr-D statistics (--eval-cider-cached-tokens, --scst-cider-cached-tokens)
+    for split, n in (("train", SMALL["num_train"]), ("valid", SMALL["num_valid"])):
+        path = Path(synthetic[f"cider_cached_{split}"])
+        assert path.name == f"coco-{split}-words.p"
+        with open(path, "rb") as f:
+            cached = pickle.load(f)
+        assert cached["ref_len"] == n  # images, not their log
+        some_caption = _read_tsv(synthetic[f"caption_{split}"])[0][2].split("&&")[0].split()
+        assert cached["document_frequency"][tuple(some_caption[:2])] >= 1
     ids = [int(r[1]) for s in ("train", "valid", "test") for r in _read_tsv(synthetic[f"caption_{s}"])]
     assert len(set(ids)) == SMALL["num_train"] + SMALL["num_valid"] + SMALL["num_test"]  # image ids unique
 

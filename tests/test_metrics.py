@@ -5,6 +5,7 @@ import math
 import pickle
 import random
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -105,16 +106,18 @@ def test_ciderd_cached_df_json_and_ofa_pickle(tmp_path):
     mean_json, scores_json = CiderD(df=str(json_path)).compute_score(gts, res)
     assert mean_json == pytest.approx(corpus_mean, rel=1e-12)
     np.testing.assert_allclose(scores_json, corpus_scores, rtol=1e-12)
-    # the same statistics passed as a mapping (n-grams as space-joined strings)
-    mean_dict, _ = CiderD(df=json.load(open(json_path))).compute_score(gts, res)
-    assert mean_dict == pytest.approx(corpus_mean, rel=1e-12)
 
-    # OFA's coco-*-words.p layout: {"document_frequency": {ngram tuple: count}, "ref_len": log(N)}
+    # OFA's coco-*-words.p layout: {"document_frequency": defaultdict {ngram tuple: count}, "ref_len": N}
     pkl_path = tmp_path / "words.p"
-    with open(pkl_path, "wb") as f:
-        pickle.dump({"document_frequency": document_frequency(gts.values()), "ref_len": math.log(len(gts))}, f)
+    save_document_frequency(gts, str(pkl_path))
+    with open(pkl_path, "rb") as f:
+        payload = pickle.load(f)
+    assert payload["ref_len"] == len(gts)  # the number of images; readers take its log
+    assert payload["document_frequency"][("no", "such", "ngram")] == 0  # OFA's scorer relies on a defaultdict
     mean_pkl, _ = CiderD(df=str(pkl_path)).compute_score(gts, res)
     assert mean_pkl == pytest.approx(corpus_mean, rel=1e-12)
+    mean_mapping, _ = CiderD(df=payload).compute_score(gts, res)
+    assert mean_mapping == pytest.approx(corpus_mean, rel=1e-12)
 
     # Scoring a subset with the cached statistics of the full corpus differs from corpus mode on the subset.
     sub = [0, 1, 2]
@@ -289,3 +292,43 @@ def test_accuracy_files_and_cli(tmp_path):
     bad.write_text("0\t7\tIMG\n")
     with pytest.raises(ValueError, match="bad.tsv:1: expected 6 columns"):
         load_snli_ve_labels(str(bad))
+
+
+OFA_CIDER_CASE = Path(__file__).parent / "fixtures" / "ofa_cider_cached.json"
+
+
+def test_cached_ciderd_equals_ofas_own_scorer(tmp_path):
+    """OFA's scorer's numbers (tools/record_ofa_cider.py) from a pickle in OFA's layout: ours reads
+    `ref_len` as the image count and takes its log, as OFA's does. Both compute in float64; the
+    tolerance covers summation order only."""
+    case = json.loads(OFA_CIDER_CASE.read_text())
+    pkl_path = tmp_path / "coco-valid-words.p"
+    save_document_frequency(case["document_frequency_corpus"], str(pkl_path))
+    gts = case["gts"]
+    res = {image_id: [hyp] for image_id, hyp in case["hypotheses"].items()}
+    mean, scores = CiderD(df=str(pkl_path), tokenize=str.split).compute_score(gts, res)
+    np.testing.assert_allclose(scores, case["ofa_cached_scores"], rtol=1e-12)
+    assert mean == pytest.approx(case["ofa_cached_mean"], rel=1e-12)
+    corpus_mean, corpus_scores = CiderD(tokenize=str.split).compute_score(gts, res)
+    np.testing.assert_allclose(corpus_scores, case["ofa_corpus_scores"], rtol=1e-12)
+    # Reading ref_len as if it were already a log (the old mistake) gives other numbers.
+    with open(pkl_path, "rb") as f:
+        payload = pickle.load(f)
+    wrong = CiderD(df={**payload, "ref_len": math.exp(payload["ref_len"])}, tokenize=str.split)
+    assert abs(wrong.compute_score(gts, res)[0] - case["ofa_cached_mean"]) > 0.1
+
+
+def test_old_json_and_bad_pickles_are_named(tmp_path):
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps({"n": 4, "ref_len": 2.0, "document_frequency": {"a": 1}}))
+    with pytest.raises(ValueError, match="old.json.*earlier mue-fairseq"):
+        CiderD(df=str(old))
+    bad = tmp_path / "bad.p"
+    bad.write_bytes(b"not a pickle")
+    with pytest.raises(ValueError, match="bad.p"):
+        CiderD(df=str(bad))
+    layout = tmp_path / "layout.p"
+    with open(layout, "wb") as f:
+        pickle.dump({"document_frequency": {}}, f)
+    with pytest.raises(KeyError, match="layout.p.*ref_len"):
+        CiderD(df=str(layout))

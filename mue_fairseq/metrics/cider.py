@@ -21,8 +21,8 @@ import os
 import pickle
 import re
 import string
-from collections import Counter
-from typing import Hashable, Iterable, Mapping, Sequence
+from collections import Counter, defaultdict
+from typing import Callable, Hashable, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -66,18 +66,21 @@ def document_frequency(refs: Iterable[Sequence[str]], n: int = 4) -> dict[NGram,
 
 
 def save_document_frequency(refs: Mapping[Hashable, Sequence[str]], path: str, n: int = 4) -> None:
-    """Cache the document frequencies of a reference corpus as JSON (n-grams joined by spaces).
+    """Cache the document frequencies of a reference corpus (``refs``: image -> its references).
 
-    Also stores ``ref_len`` = log(number of images), as OFA's pickles do.
+    A path ending in ``.p`` / ``.pkl`` gets OFA's pickle layout (``coco-*-words.p``:
+    ``{"document_frequency": {ngram tuple: count}, "ref_len": number of images}``); any other path
+    gets JSON with n-grams joined by spaces and the number of images under ``num_images``.
     """
     if not refs:
         raise ValueError("cannot compute document frequencies of an empty reference corpus")
     df = document_frequency(refs.values(), n)
-    payload = {
-        "n": n,
-        "ref_len": math.log(float(len(refs))),
-        "document_frequency": {" ".join(k): v for k, v in df.items()},
-    }
+    if path.endswith((".p", ".pkl")):
+        # A defaultdict, as OFA's files hold: OFA's scorer looks up unseen n-grams without .get().
+        with open(path, "wb") as f:
+            pickle.dump({"document_frequency": defaultdict(float, df), "ref_len": float(len(refs))}, f)
+        return
+    payload = {"n": n, "num_images": len(refs), "document_frequency": {" ".join(k): v for k, v in df.items()}}
     with open(path, "w", encoding="utf-8") as f:
         json.dump(payload, f, sort_keys=True)
 
@@ -85,20 +88,39 @@ def save_document_frequency(refs: Mapping[Hashable, Sequence[str]], path: str, n
 def load_document_frequency(path: str) -> tuple[dict[NGram, float], float]:
     """Read cached document frequencies: OFA's pickle or the JSON of :func:`save_document_frequency`.
 
-    Returns ``(df, ref_len)`` where ``ref_len`` is log(number of images of the source corpus).
+    Returns ``(df, log(number of images))``. OFA's pickles store the number of images under
+    ``ref_len`` and OFA's scorer takes its log when it loads them; so does this.
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"CIDEr-D document-frequency file not found: {path}")
     if path.endswith(".json"):
         with open(path, encoding="utf-8") as f:
             payload = json.load(f)
+        if isinstance(payload, dict) and "num_images" not in payload and "ref_len" in payload:
+            raise ValueError(
+                f"{path}: written by an earlier mue-fairseq (log of the image count under 'ref_len'); "
+                "write it again with save_document_frequency"
+            )
+        size_key = "num_images"
     else:
-        with open(path, "rb") as f:
-            payload = pickle.load(f, encoding="latin1")
-    for key in ("document_frequency", "ref_len"):
+        try:
+            with open(path, "rb") as f:
+                payload = pickle.load(f, encoding="latin1")
+        except (pickle.UnpicklingError, EOFError, ValueError) as err:
+            raise ValueError(f"{path}: not a CIDEr-D document-frequency pickle ({err})") from err
+        size_key = "ref_len"
+    return _statistics(payload, size_key, path)
+
+
+def _statistics(payload, size_key: str, where: str) -> tuple[dict[NGram, float], float]:
+    """(n-gram table, log(number of images)) from a loaded document-frequency payload."""
+    for key in ("document_frequency", size_key):
         if not isinstance(payload, dict) or key not in payload:
-            raise KeyError(f"{path}: missing key {key!r} in CIDEr-D document-frequency file")
-    return _ngram_table(payload["document_frequency"]), float(payload["ref_len"])
+            raise KeyError(f"{where}: missing key {key!r} in CIDEr-D document-frequency file")
+    num_images = float(payload[size_key])
+    if num_images < 1:
+        raise ValueError(f"{where}: {size_key} must count the reference images (>= 1), got {num_images}")
+    return _ngram_table(payload["document_frequency"]), math.log(num_images)
 
 
 def _ngram_table(raw: Mapping) -> dict[NGram, float]:
@@ -111,20 +133,23 @@ class CiderD:
 
     Args:
         df: ``"corpus"`` or ``None`` to take document frequencies from the references passed to
-            :meth:`compute_score`; a path to a cached pickle/JSON; or a mapping
-            ``{"document_frequency": {ngram_tuple: count}, "ref_len": float}``.
+            :meth:`compute_score`; a path to a cached pickle/JSON; or a mapping in OFA's pickle
+            layout ``{"document_frequency": {ngram_tuple: count}, "ref_len": number of images}``.
         n: largest n-gram order.
         sigma: standard deviation of the Gaussian length penalty.
+        tokenize: sentence -> words. The default lower-cases and drops punctuation (a stand-in for
+            the PTB tokenizer); OFA's in-training scorer splits on whitespace only (``str.split``).
     """
 
-    def __init__(self, df: str | dict | None = None, n: int = 4, sigma: float = 6.0) -> None:
+    def __init__(self, df: str | dict | None = None, n: int = 4, sigma: float = 6.0,
+                 tokenize: Callable[[str], list[str]] = simple_tokenize) -> None:
         self.n = n
         self.sigma = sigma
+        self.tokenize = tokenize
         self._df: dict[NGram, float] | None = None
         self._ref_len: float | None = None
         if isinstance(df, Mapping):
-            self._df = _ngram_table(df["document_frequency"])
-            self._ref_len = float(df["ref_len"])
+            self._df, self._ref_len = _statistics(df, "ref_len", "document-frequency mapping")
         elif df is not None and df != "corpus":
             self._df, self._ref_len = load_document_frequency(df)
 
@@ -189,8 +214,8 @@ class CiderD:
             refs = gts[key]
             if isinstance(refs, str) or len(refs) == 0:
                 raise ValueError(f"CIDEr-D: gts[{key!r}] must be a non-empty list of references")
-            hyp_counts.append(count_ngrams(simple_tokenize(hyp[0]), self.n))
-            ref_counts.append([count_ngrams(simple_tokenize(r), self.n) for r in refs])
+            hyp_counts.append(count_ngrams(self.tokenize(hyp[0]), self.n))
+            ref_counts.append([count_ngrams(self.tokenize(r), self.n) for r in refs])
 
         if self._df is None:
             df: Counter = Counter()

@@ -108,7 +108,8 @@ class CaptionTask(OFATask):
         if self.cfg.eval_cider:
             from mue_fairseq.metrics.cider import CiderD
 
-            self.cider_scorer = CiderD(self.cfg.eval_cider_cached_tokens)
+            # OFA's validation scorer splits the (already detokenized, punctuation-free) text on spaces.
+            self.cider_scorer = CiderD(self.cfg.eval_cider_cached_tokens, tokenize=str.split)
         if self.cfg.scst:
             self.scst_generator = self.build_generator([model], Namespace(**self.scst_args))
         return model
