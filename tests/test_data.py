@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ofa_fixtures import BPE_DIR, load_reference, require_fixture
+from ofa_fixtures import BPE_DIR, load_reference, require_file, require_fixture
 from ofa_tsv_rows import caption_fixture_rows, png_base64, snli_fixture_rows, solid_image_base64, write_tsv
 
 from mue_fairseq.data.answer_trie import AnswerTrie
@@ -35,8 +35,7 @@ IMAGE_ATOL = 3 / (255 * 0.225)
 
 
 def require_bpe_dir():
-    if not BPE_DIR.exists():
-        pytest.skip(f"OFA BPE files not found at {BPE_DIR}")
+    require_file(BPE_DIR)
     return str(BPE_DIR)
 
 

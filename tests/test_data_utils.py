@@ -24,8 +24,7 @@ from data_utils.synthetic_task import (
     cli_main as synthetic_cli,
     load_meta,
 )
-
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+from ofa_fixtures import BPE_DIR, require_file
 
 
 def _read_tsv(path):
@@ -370,9 +369,7 @@ def test_synthetic_snli_ve_labels_are_correct_and_balanced(synthetic):
 
 
 def test_synthetic_texts_tokenize_with_ofa_bpe(synthetic):
-    bpe_dir = SHARED / "ofa_bpe"
-    if not bpe_dir.is_dir():
-        pytest.skip(f"OFA BPE files not found at {bpe_dir}")
+    bpe_dir = require_file(BPE_DIR)
     from fairseq.data.encoders.gpt2_bpe_utils import get_encoder
 
     encoder = get_encoder(str(bpe_dir / "encoder.json"), str(bpe_dir / "vocab.bpe"))

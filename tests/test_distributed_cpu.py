@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import mue_fairseq  # noqa: F401
-from ofa_fixtures import BPE_DIR
+from ofa_fixtures import BPE_DIR, require_file
 from ofa_tsv_rows import solid_image_base64, write_tsv
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU-only support; inactive with CUDA")
@@ -127,8 +127,7 @@ def _run_fairseq_train(argv, env):
 
 
 def test_two_cpu_ranks_match_update_freq_2(tmp_path):
-    if not BPE_DIR.exists():
-        pytest.skip(f"OFA BPE files not found at {BPE_DIR} (set MUE_SHARED_DIR)")
+    require_file(BPE_DIR)
     import mue_fairseq.distributed_cpu  # noqa: F401  (installs the CPU support in the forked ranks too)
 
     train, valid = _write_data(tmp_path)

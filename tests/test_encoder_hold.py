@@ -20,10 +20,10 @@ def test_fairseq_train_holds_the_encoder_layers_for_the_window_then_trains_them(
     from fairseq.distributed import utils as distributed_utils
     from fairseq_cli import train
 
+    from ofa_fixtures import require_file
     from tiny_checkpoint import BPE_DIR, TASK_ARGS, TINY_MODEL_ARGS, _plugin_dir
 
-    if not BPE_DIR.exists():
-        pytest.skip(f"OFA BPE files not found at {BPE_DIR}")
+    require_file(BPE_DIR)
     build_synthetic_task(str(tmp_path / "data"), seed=3, num_train=8, num_valid=2, num_test=1,
                          config=SyntheticTaskConfig(image_size=48))
     data = tmp_path / "data"
@@ -82,10 +82,10 @@ def test_grounding_curves_writes_a_curve_per_recipe(tmp_path):
 
     from mue_fairseq.ofa.resnet import build_resnet
 
+    from ofa_fixtures import require_file
     from tiny_checkpoint import BPE_DIR
 
-    if not BPE_DIR.exists():
-        pytest.skip(f"OFA BPE files not found at {BPE_DIR}")
+    require_file(BPE_DIR)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     import grounding_curves
 

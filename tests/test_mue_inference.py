@@ -87,6 +87,17 @@ def test_image_less_sample_skips_its_image_stream(models):
         out = mue.encoder(**sample["net_input"])
     assert out["exit_layers"][0][1, 0] == 0
     assert torch.isfinite(out["encoder_out"][0]).all()
+    # Its image positions are padding, and its text stream is what the sample gives alone (padding
+    # trimmed): per-sample decisions, so batch neighbours with images change nothing. Same float32
+    # operations on other shapes: 1e-5 is about a hundred epsilons of these O(1) states.
+    width = sample["net_input"]["src_tokens"].size(1)
+    text_len = int(sample["net_input"]["src_lengths"][1])
+    assert out["encoder_padding_mask"][0][1, :-width].all()
+    with torch.no_grad():
+        alone = mue.encoder(**select(sample, [1])["net_input"])
+    assert alone["exit_layers"][0][0].tolist() == out["exit_layers"][0][1].tolist()
+    torch.testing.assert_close(out["encoder_out"][0][-width:][:text_len, 1], alone["encoder_out"][0][-text_len:, 0],
+                               atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("kv_policy", KV_POLICIES)

@@ -1,7 +1,6 @@
 """Tasks `caption` and `snli_ve`: options, OFA checkpoints, batching, generation and validation."""
 import argparse
 import importlib.util
-import inspect
 import math
 
 import numpy as np
@@ -356,18 +355,20 @@ def test_caption_valid_step_logs_bleu_and_cider(caption_fixture):
 
 @pytest.mark.skipif(not HAS_GENERATOR, reason="mue_fairseq.generation.sequence_generator not available")
 def test_caption_generator_and_constraint_range(caption_fixture):
+    from mue_fairseq.generation.ngram_blocking import RepeatedNGramBlocker
     from mue_fairseq.generation.sequence_generator import OFASequenceGenerator
 
     model, task, _, _ = caption_fixture
     generator = task.build_generator([model], argparse.Namespace(beam=3, max_len_b=7, no_repeat_ngram_size=3))
     assert isinstance(generator, OFASequenceGenerator)
     assert (generator.beam_size, generator.max_len_b, generator.constraint_trie) == (3, 7, None)
+    # OFA's blocking rule, not fairseq-fixed's CPU fallback (which never bans: tests/test_ofa_cli_parity.py)
+    assert isinstance(generator.repeat_ngram_blocker, RepeatedNGramBlocker)
+    assert generator.repeat_ngram_blocker.ngram_size == 3
+    assert task.build_generator([model], argparse.Namespace(beam=1)).repeat_ngram_blocker is None
     task.cfg.constraint_range = "4,100"
     try:
-        if "constraint_range" in inspect.signature(OFASequenceGenerator.__init__).parameters:
+        with pytest.raises(ValueError, match="--constraint-range is not supported by OFASequenceGenerator"):
             task.build_generator([model], argparse.Namespace(beam=1))
-        else:
-            with pytest.raises(ValueError, match="--constraint-range is not supported by OFASequenceGenerator"):
-                task.build_generator([model], argparse.Namespace(beam=1))
     finally:
         task.cfg.constraint_range = None

@@ -4,9 +4,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List
 
-import pytest
 
-from ofa_fixtures import BPE_DIR
+from ofa_fixtures import BPE_DIR, require_file
 
 TASK_ARGS = {
     "snli_ve": ["--selected-cols", "0,2,3,4,5", "--add-caption", "--prompt-type", "prev_output",
@@ -47,8 +46,7 @@ def _plugin_dir() -> Path:
 
 def tiny_checkpoint(task: str, tmp_path_factory) -> TinyCheckpoint:
     """Synthetic data (8 training rows, 6-12 validation rows) and a 2-update checkpoint for `task`."""
-    if not BPE_DIR.exists():
-        pytest.skip(f"OFA BPE files not found at {BPE_DIR}")
+    require_file(BPE_DIR)
     if task in _BUILT:
         return _BUILT[task]
     from fairseq import options
