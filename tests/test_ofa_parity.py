@@ -146,5 +146,5 @@ def test_non_ofa_checkpoint_is_refused(tmp_path):
     torch.save(state, other)
     with pytest.raises(ValueError, match="transformer.pt: checkpoint architecture 'transformer' is not an OFA model"):
         load_ofa_ensemble([str(other)], arg_overrides={"bpe_dir": str(BPE_DIR)})
-    with pytest.raises(ValueError, match="not a fairseq checkpoint"):
+    with pytest.raises(ValueError, match="x.pt: not an OFA checkpoint: no .model. entry"):
         check_is_ofa_checkpoint("x.pt", {"weights": 1}, ["ofa"])

@@ -1,6 +1,7 @@
 """MuE options: where and how the encoder streams and decoder tokens may stop early."""
 import argparse
 from dataclasses import dataclass, field, fields
+from typing import Dict, List
 
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 
@@ -138,6 +139,31 @@ class MuEConfig(FairseqDataclass):
         return int(value) if value >= 1 else int(value * num_steps)
 
 
+# Options read by one exit policy only (with their defaults, which mean "not used").
+POLICY_OPTIONS = {
+    "similarity": ("mue_image_threshold", "mue_text_threshold", "mue_decoder_threshold", "mue_decoder_beta",
+                   "mue_decoder_tau"),
+    "static": ("mue_static_image_layers", "mue_static_text_layers", "mue_static_decoder_layers"),
+    "entropy": ("mue_static_image_layers", "mue_static_text_layers", "mue_entropy_threshold"),
+    "patience": ("mue_static_image_layers", "mue_static_text_layers", "mue_patience"),
+    "confidence": ("mue_static_image_layers", "mue_static_text_layers", "mue_confidence_threshold"),
+}
+
+
+def ignored_options(options: dict, policy: str) -> Dict[str, List[str]]:
+    """{option: policies that would use it} for the given options that `policy` ignores.
+
+    An option at its default is never reported (it asks for nothing).
+    """
+    defaults = MuEConfig()
+    ignored = {}
+    for name, value in options.items():
+        users = [p for p, names in POLICY_OPTIONS.items() if name in names]
+        if users and policy not in users and value != getattr(defaults, name):
+            ignored[name] = users
+    return ignored
+
+
 def mue_overrides(**options) -> dict:
     """`--model-overrides` that load any OFA checkpoint as an `mue_ofa` model with these options.
 
@@ -149,4 +175,8 @@ def mue_overrides(**options) -> dict:
     if unknown:
         raise ValueError(f"unknown MuE options {unknown}; known: {sorted(known)}")
     config = MuEConfig(**options)  # validate now rather than at model build
+    ignored = ignored_options(options, config.policy)
+    if ignored:
+        named = ", ".join(f"--{k.replace('_', '-')} (used by --mue-exit-policy {'/'.join(v)})" for k, v in ignored.items())
+        raise ValueError(f"--mue-exit-policy {config.policy} ignores {named}")
     return {"mue_encoder_mode": str(config.mue_encoder_mode), **options}

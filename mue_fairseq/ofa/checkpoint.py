@@ -32,14 +32,43 @@ def checkpoint_architecture(state: Dict) -> Optional[str]:
 
 def check_is_ofa_checkpoint(path: str, state: Dict, accepted: Sequence[str]) -> str:
     """Raise a clear error unless `state` (loaded from `path`) holds one of `accepted` architectures."""
-    if "model" not in state:
-        raise ValueError(f"{path}: not a fairseq checkpoint (no 'model' entry; keys: {sorted(state)})")
+    for key in ("model", "cfg"):
+        if key not in state and not (key == "cfg" and "args" in state):
+            raise ValueError(f"{path}: not an OFA checkpoint: no {key!r} entry (keys: {sorted(state)[:8]})")
     arch = checkpoint_architecture(state)
     if arch not in accepted:
         raise ValueError(
             f"{path}: checkpoint architecture {arch!r} is not an OFA model; expected one of {list(accepted)}"
         )
     return arch
+
+
+def read_checkpoint(path: str, arg_overrides: Optional[Dict] = None) -> Dict:
+    """fairseq's `load_checkpoint_to_cpu`, with errors that name the file and say what is wrong with it."""
+    import os
+    import pickle
+    import zipfile
+
+    from fairseq import checkpoint_utils
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+        state = checkpoint_utils.load_checkpoint_to_cpu(path, arg_overrides)
+    except KeyError as err:
+        raise ValueError(f"{path}: not an OFA checkpoint: a torch file without fairseq's entries ({err})") from err
+    except (RuntimeError, pickle.UnpicklingError, EOFError, zipfile.BadZipFile, ValueError) as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        if magic[:2] == b"PK":  # torch's zip format, so the archive itself is damaged
+            raise ValueError(f"{path}: truncated or corrupt checkpoint ({reason})") from err
+        if magic[:1] == b"\x80":  # a legacy (pickle) torch file
+            raise ValueError(f"{path}: unreadable legacy torch checkpoint ({reason})") from err
+        raise ValueError(f"{path}: not a torch checkpoint file (neither a zip archive nor a pickle)") from err
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: not an OFA checkpoint: holds a {type(state).__name__}, not a dict")
+    return state
 
 
 def load_ofa_ensemble(
@@ -53,6 +82,5 @@ def load_ofa_ensemble(
     # is not needed, and often not there, at evaluation time. An explicit override still wins.
     arg_overrides = {"resnet_model_path": None, **(arg_overrides or {})}
     for path in paths:
-        state = checkpoint_utils.load_checkpoint_to_cpu(path, arg_overrides)
-        check_is_ofa_checkpoint(path, state, accepted)
+        check_is_ofa_checkpoint(path, read_checkpoint(path, arg_overrides), accepted)
     return checkpoint_utils.load_model_ensemble_and_task(paths, arg_overrides=arg_overrides, task=task)

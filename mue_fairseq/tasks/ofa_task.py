@@ -180,9 +180,37 @@ class OFATask(FairseqTask):
                 f"model architecture {arch!r} is not an OFA model; the {self.__class__.__name__} task "
                 f"needs one of {list(OFA_ARCHITECTURES + MUE_ARCHITECTURES)}"
             )
+        self.check_fits_model(cfg)
         if arch in OFA_ARCHITECTURES and any(name.startswith("mue_") for name in vars(cfg)):
+            logger.info(
+                "MuE options given: the %s model is built as mue_ofa (same weights; its decomposed encoder "
+                "gives other outputs than OFA's until fine-tuned with the layer-wise loss, unless "
+                "--mue-encoder-mode joint)", arch,
+            )
             cfg._name = cfg.arch = "mue_ofa"
         return super().build_model(cfg, from_checkpoint)
+
+    def check_fits_model(self, model_cfg) -> None:
+        """Refuse task options the model's position tables cannot hold, naming the option.
+
+        fairseq-generate and fairseq-train take task options from the command line, so a checkpoint
+        trained at another image size would otherwise fail deep inside an embedding lookup.
+        """
+        buckets = getattr(model_cfg, "image_bucket_size", None)
+        side = self.cfg.patch_image_size
+        if buckets is not None and patch_grid_side(side) > buckets:
+            grid = patch_grid_side(side)
+            raise ValueError(
+                f"--patch-image-size {side} gives a {grid}x{grid} grid of image patches, but the model's image "
+                f"position table is {buckets}x{buckets} (image_bucket_size {buckets}): it takes images of at most "
+                f"{16 * buckets} px. Pass the --patch-image-size the checkpoint was trained with (its cfg.task)."
+            )
+        positions = getattr(model_cfg, "max_source_positions", None)
+        if positions is not None and self.cfg.max_src_length + 2 > positions:
+            raise ValueError(
+                f"--max-src-length {self.cfg.max_src_length} (+ bos and eos) exceeds the model's "
+                f"{positions} text positions (max_source_positions)"
+            )
 
     # ------------------------------------------------------------ training
     def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False):
@@ -294,6 +322,14 @@ class OFATask(FairseqTask):
     @property
     def target_dictionary(self):
         return self.tgt_dict
+
+
+def patch_grid_side(image_size: int) -> int:
+    """Patches per side after OFA's ResNet stem and stages 1-3 (four stride-2 steps, each rounding up)."""
+    side = image_size
+    for _ in range(4):
+        side = (side + 1) // 2
+    return side
 
 
 def _split_data(data: Optional[str]) -> List[str]:

@@ -1,0 +1,84 @@
+"""Bad input is named before work starts: checkpoints, task options that do not fit the model, exit
+options the chosen policy ignores. (Bad TSV rows, BPE dirs and thresholds: tests/test_data.py,
+tests/test_tasks.py, tests/test_mue_inference.py.)"""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from mue_fairseq.exits.config import mue_overrides
+from mue_fairseq.ofa.checkpoint import OFA_ARCHITECTURES, check_is_ofa_checkpoint, read_checkpoint
+from mue_fairseq.tasks.ofa_task import patch_grid_side
+from ofa_fixtures import BPE_DIR, REPO, SHARED, require_file
+
+HOLDOUT = SHARED / "ofa_reference" / "ofa_tiny_holdout.pt"  # caption, trained at 320 px, 24 image buckets
+CAPTION_TSV = SHARED / "ofa_cli" / "caption_test.tsv"
+
+
+def test_truncated_checkpoint_is_named(tmp_path):
+    truncated = tmp_path / "cut.pt"
+    truncated.write_bytes(require_file(HOLDOUT).read_bytes()[:10_000_000])
+    with pytest.raises(ValueError, match=r"cut\.pt: truncated or corrupt checkpoint"):
+        read_checkpoint(str(truncated))
+
+
+def test_torch_file_that_is_not_a_checkpoint_is_named(tmp_path):
+    other = tmp_path / "tensors.pt"
+    torch.save({"weights": torch.zeros(2)}, other)
+    with pytest.raises(ValueError, match=r"tensors\.pt: not an OFA checkpoint"):
+        read_checkpoint(str(other))
+    no_cfg = tmp_path / "no_cfg.pt"
+    state = read_checkpoint(str(require_file(HOLDOUT)))
+    with pytest.raises(ValueError, match=r"no_cfg\.pt: not an OFA checkpoint: no 'model' entry"):
+        check_is_ofa_checkpoint(str(no_cfg), {"cfg": state["cfg"]}, OFA_ARCHITECTURES)
+
+
+def test_tsv_passed_as_checkpoint_is_named(tmp_path):
+    with pytest.raises(ValueError, match=r"caption_test\.tsv: not a torch checkpoint file"):
+        read_checkpoint(str(require_file(CAPTION_TSV)))
+    with pytest.raises(FileNotFoundError, match="nowhere.pt"):
+        read_checkpoint(str(tmp_path / "nowhere.pt"))
+
+
+@pytest.mark.parametrize("side", [64, 100, 320, 330, 480])
+def test_patch_grid_side_is_the_resnets(side):
+    from mue_fairseq.ofa.resnet import ResNet
+
+    resnet = ResNet([1, 1, 1]).eval()
+    with torch.no_grad():
+        features = resnet(torch.zeros(1, 3, side, side))
+    assert features.shape[-2:] == (patch_grid_side(side), patch_grid_side(side))
+
+
+def test_fairseq_generate_names_an_image_size_the_checkpoint_cannot_take(tmp_path):
+    """fairseq-generate takes task options from the command line: the default 480 px does not fit
+    a checkpoint whose image position table holds 24x24 patches (384 px)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    args = [sys.executable, "-m", "fairseq_cli.generate", str(require_file(CAPTION_TSV)), "--path", str(HOLDOUT),
+            "--user-dir", str(REPO / "mue_fairseq"), "--task", "caption", "--bpe-dir", str(BPE_DIR),
+            "--selected-cols", "1,4,2", "--gen-subset", "test", "--batch-size", "4", "--cpu", "--beam", "1"]
+    proc = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "--patch-image-size 480 gives a 30x30 grid" in proc.stderr
+    assert "at most 384 px" in proc.stderr
+    assert "IndexError" not in proc.stderr
+
+
+@pytest.mark.parametrize("options, named", [
+    (dict(mue_static_decoder_layers=1), "--mue-exit-policy similarity ignores --mue-static-decoder-layers"),
+    (dict(mue_static_image_layers=2), "ignores --mue-static-image-layers"),
+    (dict(mue_exit_policy="static", mue_decoder_threshold=0.9), "static ignores --mue-decoder-threshold"),
+    (dict(mue_exit_policy="entropy", mue_patience=2), "entropy ignores --mue-patience (used by --mue-exit-policy patience)"),
+])
+def test_exit_option_the_policy_ignores_is_an_error(options, named):
+    with pytest.raises(ValueError, match=named.replace("(", r"\(").replace(")", r"\)")):
+        mue_overrides(**options)
+
+
+def test_exit_options_the_policy_uses_pass():
+    assert mue_overrides(mue_exit_policy="static", mue_static_decoder_layers=2)["mue_static_decoder_layers"] == 2
+    assert mue_overrides(mue_exit_policy="entropy", mue_static_image_layers=3, mue_entropy_threshold=0.5)
+    # Defaults ask for nothing, so naming them is harmless.
+    assert mue_overrides(mue_exit_policy="static", mue_decoder_threshold=1.0)
