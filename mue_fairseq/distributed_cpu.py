@@ -19,7 +19,7 @@ switched on explicitly, in one of two ways:
   ``MUE_CPU_DISTRIBUTED=1``; the plugin reads it when fairseq imports it (``--user-dir``), before
   fairseq's distributed set-up runs. Our run_scripts set it on CPU machines.
 
-With it, all of these work:
+With it (for command lines: ``MUE_CPU_DISTRIBUTED=1`` in their environment), all of these work:
 
 * ``torchrun --nproc_per_node 2 $(which fairseq-train) ... --distributed-world-size 2``;
 * one command, ``fairseq-train ... --distributed-world-size 2`` (fairseq spawns 2 processes);
@@ -190,6 +190,12 @@ def install_if_requested() -> bool:
     """`install()` when the environment sets ``MUE_CPU_DISTRIBUTED=1``; nothing when it is unset or 0."""
     value = os.environ.get(ENVIRONMENT_VARIABLE, "").strip()
     if value in ("", "0"):
+        if not value and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
+            # fairseq would fail later with a bare ZeroDivisionError (rank % GPU count)
+            logger.warning(
+                "torchrun started %s processes on a machine without CUDA; fairseq needs the plugin's CPU "
+                "support for that: set %s=1", os.environ["WORLD_SIZE"], ENVIRONMENT_VARIABLE,
+            )
         return False
     if value != "1":
         raise ValueError(

@@ -70,7 +70,7 @@ def test_import_patches_nothing_and_the_variable_installs_through_user_dir():
     assert _probe_modules(user_dir, "1") == ["mue_fairseq.distributed_cpu"] * 4
 
 
-def test_install_uninstall_and_the_variable(monkeypatch):
+def test_install_uninstall_and_the_variable(monkeypatch, caplog):
     from fairseq import models
     from fairseq.distributed import utils as distributed_utils
     from fairseq.models import distributed_fairseq_model
@@ -87,6 +87,10 @@ def test_install_uninstall_and_the_variable(monkeypatch):
         for value in ("", "0"):
             monkeypatch.setenv(distributed_cpu.ENVIRONMENT_VARIABLE, value)
             assert not distributed_cpu.install_if_requested() and current() == own
+        monkeypatch.delenv(distributed_cpu.ENVIRONMENT_VARIABLE)
+        monkeypatch.setenv("WORLD_SIZE", "2")  # torchrun's ranks without the variable: fairseq would fail
+        assert not distributed_cpu.install_if_requested() and current() == own
+        assert "set MUE_CPU_DISTRIBUTED=1" in caplog.text
         monkeypatch.setenv(distributed_cpu.ENVIRONMENT_VARIABLE, "yes")
         with pytest.raises(ValueError, match="MUE_CPU_DISTRIBUTED='yes'"):
             distributed_cpu.install_if_requested()
@@ -96,6 +100,27 @@ def test_install_uninstall_and_the_variable(monkeypatch):
     finally:
         distributed_cpu.uninstall()
     assert current() == own
+
+
+def test_spawned_ranks_install_the_cpu_versions(monkeypatch):
+    """One command with --distributed-world-size 2 spawns fresh interpreters: each installs the CPU
+    versions before fairseq's `distributed_main`, also when the parent installed them by a call."""
+    from fairseq.distributed import utils as distributed_utils
+
+    spawned = []
+    monkeypatch.setattr(torch.multiprocessing, "spawn",
+                        lambda fn, args, nprocs, join: [fn(index, *args) for index in range(nprocs)])
+    monkeypatch.setattr(distributed_utils, "distributed_main",
+                        lambda index, main, cfg, kwargs: spawned.append((index, distributed_utils.call_main, kwargs)))
+    training = SimpleNamespace(distributed_backend="nccl", distributed_init_method="tcp://localhost:1",
+                               distributed_no_spawn=False, distributed_num_procs=2, distributed_world_size=2,
+                               distributed_rank=0)
+    try:
+        distributed_cpu.cpu_call_main(SimpleNamespace(distributed_training=training), main=None)
+    finally:
+        distributed_cpu.uninstall()
+    assert spawned == [(index, distributed_cpu.cpu_call_main, {"start_rank": 0}) for index in range(2)]
+    assert training.distributed_backend == "gloo" and training.distributed_rank is None
 
 
 def _cfg(**values):
@@ -272,13 +297,14 @@ def _steps(save_dir: Path, updates: int) -> List[int]:
 
 def test_broadcast_checkpoint_state_loads_weights_only(two_rank_runs):
     """What rank 0 hands the other ranks (fairseq's `broadcast_object`: the loaded state, tensors
-    taken out, through `torch.save`) loads under the weights-only unpickler, for an OFA checkpoint and
-    one written by fairseq-fixed (omegaconf cfg, optimizer state)."""
+    taken out, through `torch.save`) loads under the weights-only unpickler, for OFA's checkpoints
+    (cfg.model a Namespace) and one written by fairseq-fixed (omegaconf cfg, optimizer state)."""
     from fairseq import checkpoint_utils
     from fairseq.distributed import utils as distributed_utils
     from omegaconf import OmegaConf
 
-    for path in (two_rank_runs.fixture, two_rank_runs.root / "resumed" / "checkpoint_last.pt"):
+    ofa_checkpoints = [require_fixture(name)[0] for name in ("caption", "snli_ve")]
+    for path in ofa_checkpoints + [two_rank_runs.root / "resumed" / "checkpoint_last.pt"]:
         state = checkpoint_utils.load_checkpoint_to_cpu(str(path))
         tensors = []
         sent = distributed_utils._split_tensors_from_obj(state, tensors)
