@@ -66,7 +66,8 @@ def test_import_patches_nothing_and_the_variable_installs_through_user_dir():
         "fairseq.models.distributed_fairseq_model",
     ]
     # fairseq-train --user-dir mue_fairseq imports the plugin this way, before `call_main`.
-    user_dir = f"import argparse, fairseq.utils as u; u.import_user_module(argparse.Namespace(user_dir={str(REPO / 'mue_fairseq')!r}))"
+    plugin = str(REPO / "mue_fairseq")
+    user_dir = f"import argparse, fairseq.utils as u; u.import_user_module(argparse.Namespace(user_dir={plugin!r}))"
     assert _probe_modules(user_dir, "1") == ["mue_fairseq.distributed_cpu"] * 4
 
 
@@ -339,12 +340,14 @@ def test_resumed_two_rank_run_ends_with_the_weights_of_the_uninterrupted_one(two
     assert _steps(root / "straight", N_UPDATES) == [N_UPDATES] * 2
     resumed = torch.load(root / "resumed" / "checkpoint_last.pt", map_location="cpu", weights_only=False)
     straight = torch.load(root / "straight" / "checkpoint_last.pt", map_location="cpu", weights_only=False)
-    assert resumed["optimizer_history"][-1]["num_updates"] == straight["optimizer_history"][-1]["num_updates"] == N_UPDATES
+    for state in (resumed, straight):
+        assert state["optimizer_history"][-1]["num_updates"] == N_UPDATES
     assert resumed["model"].keys() == straight["model"].keys()
     # Bit-identical by construction: the resumed ranks start from the exact weights, Adam moments
     # and data position of update K, and repeat the same float operations (dropout seeded by update
     # number; a two-rank gradient sum a + b is the same float whichever rank adds).
     for name, tensor in straight["model"].items():
         torch.testing.assert_close(resumed["model"][name], tensor, rtol=0, atol=0, msg=name)
-    assert any(not torch.equal(straight["model"][name], tensor) for name, tensor in two_rank_runs.interrupted["model"].items()
+    interrupted = two_rank_runs.interrupted["model"]
+    assert any(not torch.equal(straight["model"][name], tensor) for name, tensor in interrupted.items()
                if tensor.is_floating_point()), "the updates after K changed nothing"
