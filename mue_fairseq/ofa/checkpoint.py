@@ -34,13 +34,11 @@ def allow_fairseq_checkpoint_globals() -> None:
 
     safe = [argparse.Namespace, np.dtype, np.core.multiarray.scalar]
     safe += [type(np.dtype(name)) for name in ("float64", "float32", "int64", "int32", "bool")]
-    # A DictConfig pickles its nodes, their metadata, the types the metadata names (typing.Any, dict,
-    # list, int: a ListConfig's key type) and a defaultdict cache. fairseq's loaded cfg holds AnyNodes
-    # only; the typed value nodes and their types are there for configs built from dataclasses.
-    safe += [DictConfig, ListConfig, base.ContainerMetadata, base.Metadata, typing.Any, defaultdict]
-    safe += [nodes.AnyNode, nodes.StringNode, nodes.IntegerNode, nodes.FloatNode, nodes.BooleanNode]
-    safe += [dict, list, int, float, str, bool]
-    safe += [_TensorPlaceholder]
+    # The cfg fairseq loads is built from the file's plain containers: a DictConfig pickles its
+    # untyped nodes (AnyNode), their metadata, the types the metadata names (typing.Any, dict, list,
+    # int: a ListConfig's key type) and a defaultdict cache.
+    safe += [DictConfig, ListConfig, nodes.AnyNode, base.ContainerMetadata, base.Metadata, typing.Any]
+    safe += [defaultdict, dict, list, int, _TensorPlaceholder]
     torch.serialization.add_safe_globals(safe)
 
 
