@@ -11,7 +11,15 @@ fairseq 0.12 assumes one GPU per process; on a machine without CUDA its distribu
 * `all_gather_list` (logging outputs that cannot be summed) stages data in a CUDA buffer.
 
 `install()` replaces exactly these pieces with CPU versions, and only when CUDA is absent, so
-the GPU path is untouched. It runs when the plugin is imported. With it, all of these work:
+the GPU path is untouched. Nothing is replaced by importing the plugin alone; the support is
+switched on explicitly, in one of two ways:
+
+* programs call ``mue_fairseq.distributed_cpu.install()`` before fairseq's ``call_main``;
+* command lines (``fairseq-train --user-dir mue_fairseq``, torchrun) set the environment variable
+  ``MUE_CPU_DISTRIBUTED=1``; the plugin reads it when fairseq imports it (``--user-dir``), before
+  fairseq's distributed set-up runs. Our run_scripts set it on CPU machines.
+
+With it (for command lines: ``MUE_CPU_DISTRIBUTED=1`` in their environment), all of these work:
 
 * ``torchrun --nproc_per_node 2 $(which fairseq-train) ... --distributed-world-size 2``;
 * one command, ``fairseq-train ... --distributed-world-size 2`` (fairseq spawns 2 processes);
@@ -32,6 +40,7 @@ import torch.distributed as dist
 
 logger = logging.getLogger(__name__)
 
+ENVIRONMENT_VARIABLE = "MUE_CPU_DISTRIBUTED"
 _TORCHRUN_KEYS = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK")
 _originals: Dict[str, Callable] = {}
 
@@ -110,9 +119,16 @@ def cpu_call_main(cfg, main: Callable, **kwargs) -> None:
     nprocs = max(1, min(training.distributed_num_procs or 1, training.distributed_world_size))
     kwargs["start_rank"] = training.distributed_rank
     training.distributed_rank = None  # distributed_main assigns start_rank + process index
-    torch.multiprocessing.spawn(
-        fn=distributed_utils.distributed_main, args=(main, cfg, kwargs), nprocs=nprocs, join=True
-    )
+    torch.multiprocessing.spawn(fn=_spawned_rank, args=(main, cfg, kwargs), nprocs=nprocs, join=True)
+
+
+def _spawned_rank(index: int, main: Callable, cfg, kwargs: Dict[str, Any]) -> None:
+    """fairseq's `distributed_main` in a spawned process, which starts without the CPU versions
+    when they were installed by a call rather than by the environment variable."""
+    from fairseq.distributed import utils as distributed_utils
+
+    install()
+    distributed_utils.distributed_main(index, main, cfg, kwargs)
 
 
 def cpu_all_gather_list(data: Any, group=None, max_size: int = 16384) -> List[Any]:
@@ -128,7 +144,11 @@ def cpu_all_gather_list(data: Any, group=None, max_size: int = 16384) -> List[An
 
 
 def install() -> bool:
-    """Replace fairseq's GPU-only distributed pieces by the CPU versions; no-op (False) with CUDA."""
+    """Replace fairseq's GPU-only distributed pieces by the CPU versions, process-wide.
+
+    Returns whether fairseq now uses the CPU versions (also when an earlier call installed them);
+    with CUDA it changes nothing and returns False.
+    """
     if torch.cuda.is_available():
         return False
     if _originals:
@@ -150,4 +170,36 @@ def install() -> bool:
     return True
 
 
-install()
+def uninstall() -> None:
+    """Give fairseq back its own distributed pieces (undoes `install`)."""
+    if not _originals:
+        return
+    import fairseq.models
+    import fairseq.models.distributed_fairseq_model as ddp_module
+    from fairseq.distributed import utils as distributed_utils
+
+    fairseq.models.DistributedFairseqModel = _originals["DistributedFairseqModel"]
+    ddp_module.DistributedFairseqModel = _originals["DistributedFairseqModel"]
+    distributed_utils.call_main = _originals["call_main"]
+    distributed_utils.infer_init_method = _originals["infer_init_method"]
+    distributed_utils.all_gather_list = _originals["all_gather_list"]
+    _originals.clear()
+
+
+def install_if_requested() -> bool:
+    """`install()` when the environment sets ``MUE_CPU_DISTRIBUTED=1``; nothing when it is unset or 0."""
+    value = os.environ.get(ENVIRONMENT_VARIABLE, "").strip()
+    if value in ("", "0"):
+        if not value and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
+            # fairseq would fail later with a bare ZeroDivisionError (rank % GPU count)
+            logger.warning(
+                "torchrun started %s processes on a machine without CUDA; fairseq needs the plugin's CPU "
+                "support for that: set %s=1", os.environ["WORLD_SIZE"], ENVIRONMENT_VARIABLE,
+            )
+        return False
+    if value != "1":
+        raise ValueError(
+            f"environment variable {ENVIRONMENT_VARIABLE}={value!r}: expected 1 (CPU distributed "
+            "training support on) or 0 (off)"
+        )
+    return install()

@@ -8,6 +8,8 @@
 #   nproc           processes: $NPROC, else one per GPU, else 1 (CPU)
 #   device_kind     GPU or CPU
 #   device_args     --cpu without GPUs
+#   launch_env      env MUE_CPU_DISTRIBUTED=1 without GPUs (prefix of training commands: the plugin's
+#                   CPU support for torchrun's processes, see mue_fairseq/distributed_cpu.py)
 #   train_fp16_args / eval_fp16_args   OFA's fp16 flags on GPUs (FP16=0 turns them off)
 # and the functions run / run_logged / make_dirs, which only print the command (shell-quoted)
 # when DRY_RUN=1.
@@ -32,6 +34,7 @@ if [ "${n_gpu}" -gt 0 ]; then
   device_kind=GPU
   nproc=${NPROC:-${n_gpu}}
   device_args=()
+  launch_env=()
   if [ "${FP16:-1}" = "1" ]; then
     train_fp16_args=(--fp16 --fp16-scale-window=512)
     eval_fp16_args=(--fp16)
@@ -43,6 +46,7 @@ else
   device_kind=CPU
   nproc=${NPROC:-1}
   device_args=(--cpu)
+  launch_env=(env MUE_CPU_DISTRIBUTED=1)
   train_fp16_args=()
   eval_fp16_args=()
 fi

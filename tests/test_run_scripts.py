@@ -85,6 +85,7 @@ def test_train_script_cpu_processes_and_updates(task, tmp_path):
            "restore_file": "/ckpt/ofa_base.pt", "save_dir": str(tmp_path / "ckpt"), "log_dir": str(tmp_path / "logs"),
            "extra_args": "--layer-reduction sum"}
     command = dry_run(script, env)
+    assert command[:2] == ["env", "MUE_CPU_DISTRIBUTED=1"]  # the plugin's CPU support for torchrun's ranks
     launcher = command.index("torch.distributed.run")
     port = 7061 if task == "snli_ve" else 1061
     assert command[launcher + 1:launcher + 3] == ["--nproc_per_node=2", f"--master_port={port}"]
@@ -118,6 +119,7 @@ def test_train_script_one_process_per_gpu_with_fp16(tmp_path):
     env = {"PATH": fake_gpu_path(tmp_path, 4), "total_num_update": "1000", "warmup_ratio": "0.06"}
     command = dry_run(script, env)
     assert "--nproc_per_node=4" in command and "--cpu" not in command
+    assert not any("MUE_CPU_DISTRIBUTED" in token for token in command)
     assert "--fp16" in command and option(command, "--fp16-scale-window") == "512"
     assert option(command, "--warmup-updates") == "60"
     command = dry_run(script, {**env, "CUDA_VISIBLE_DEVICES": "2,3"})

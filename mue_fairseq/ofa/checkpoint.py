@@ -3,9 +3,18 @@
 OFA's trainer stores `cfg["model"]` as an `argparse.Namespace`; torch >= 2.6 refuses any class
 that is not allow-listed. Allow-listing the few classes fairseq checkpoints need keeps the
 protection for everything else.
+
+With several processes, fairseq's `Trainer.load_checkpoint` reads the file on rank 0 only and hands
+the loaded state to the other ranks with `distributed_utils.broadcast_object`, whose
+`_broadcast_object_slow` runs `torch.load` (weights-only by default) on a buffer. That state is no
+longer the file's: `checkpoint_utils.load_checkpoint_to_cpu` has turned `cfg` into an omegaconf
+`DictConfig`, and the tensors are replaced by fairseq's `_TensorPlaceholder`. Those classes are
+allow-listed too, so `--restore-file` and resuming work on any number of processes.
 """
 import argparse
 import logging
+import typing
+from collections import defaultdict
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -18,9 +27,18 @@ MUE_ARCHITECTURES = ("mue_ofa",) + tuple(f"mue_{arch}" for arch in OFA_ARCHITECT
 
 
 def allow_fairseq_checkpoint_globals() -> None:
-    """Allow-list the non-tensor classes found in OFA and fairseq-fixed checkpoints."""
+    """Allow-list the non-tensor classes found in OFA and fairseq-fixed checkpoints, as files and as
+    the state rank 0 broadcasts to the other ranks (see the module docstring)."""
+    from fairseq.distributed.utils import _TensorPlaceholder
+    from omegaconf import DictConfig, ListConfig, base, nodes
+
     safe = [argparse.Namespace, np.dtype, np.core.multiarray.scalar]
     safe += [type(np.dtype(name)) for name in ("float64", "float32", "int64", "int32", "bool")]
+    # The cfg fairseq loads is built from the file's plain containers: a DictConfig pickles its
+    # untyped nodes (AnyNode), their metadata, the types the metadata names (typing.Any, dict, list,
+    # int: a ListConfig's key type) and a defaultdict cache.
+    safe += [DictConfig, ListConfig, nodes.AnyNode, base.ContainerMetadata, base.Metadata, typing.Any]
+    safe += [defaultdict, dict, list, int, _TensorPlaceholder]
     torch.serialization.add_safe_globals(safe)
 
 

@@ -68,7 +68,7 @@ split_words extra "${extra_args:-}"
 echo "max_epoch ${max_epoch}, warmup_ratio ${warmup_ratio}, drop_worst_after ${drop_worst_after}" >&2
 echo "${nproc} ${device_kind} process(es), ${total_num_update} updates, ${warmup_updates} warmup" >&2
 
-run_logged "${log_file}" \
+run_logged "${log_file}" ${launch_env[@]+"${launch_env[@]}"} \
     "${PYTHON}" -m torch.distributed.run --nproc_per_node="${nproc}" --master_port="${MASTER_PORT}" \
     -m fairseq_cli.train \
     "${data}" \
