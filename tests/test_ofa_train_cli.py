@@ -151,12 +151,13 @@ def _child_env() -> Dict[str, str]:
 
 
 def log_records(log: str, kind: str) -> List[Dict[str, str]]:
-    """The `key value` fields of each `INFO:train:` or `INFO:valid:` line of a simple-format log."""
+    """The `key value` fields of each `train` or `valid` record of a simple-format fairseq log."""
     records = []
     for line in log.splitlines():
-        if line.startswith(f"INFO:{kind}:"):
-            fields = [part.strip().split(" ", 1) for part in line.split("|")[1:]]
-            records.append({pair[0]: pair[1] for pair in fields if len(pair) == 2})
+        parts = [part.strip() for part in line.split(" | ")]
+        if len(parts) > 3 and parts[1] == "INFO" and parts[2] == kind:
+            pairs = [part.split(" ", 1) for part in parts[3:]]
+            records.append({pair[0]: pair[1] for pair in pairs if len(pair) == 2})
     return records
 
 
@@ -265,6 +266,7 @@ def test_comma_joined_tsv_data_skips_fairseqs_valid_file_search(data_dir):
     (["--lr-scheduler", "inverse_sqrt", "--warmup-ratio", "0.1"], "--warmup-ratio is an option of --lr-scheduler "
                                                                  "polynomial_decay, not inverse_sqrt"),
     (["--warmup-ratio", "1.5"], "--warmup-ratio must be in [0, 1), got 1.5"),
+    (["--user-dir=../../ofa_module"], "--user-dir ../../ofa_module is OFA's own plugin"),
 ])
 def test_unsupported_ofa_options_are_named(argv, message, data_dir, capsys):
     with pytest.raises(SystemExit):

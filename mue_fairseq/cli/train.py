@@ -18,7 +18,8 @@ entry point only prepares its configuration:
   (fairseq's default, `--max-update`, makes the scheduler fail when `--max-update` is unset).
 * the data argument of OFA's tasks lists TSV files (training file(s), then the validation file),
   so fairseq's search for unused `valid*` files in a data directory does not apply to them.
-* OFA criteria this plugin does not have are named in the error.
+* OFA's own `--user-dir` (`ofa_module`) and the OFA criteria this plugin does not have are named in
+  the error.
 """
 import argparse
 import logging
@@ -135,13 +136,18 @@ def main(cfg, warmup_ratio: float = 0.0) -> None:
     fairseq_cli.train.main(cfg)
 
 
-def check_criterion(parser: argparse.ArgumentParser, argv: Optional[List[str]]) -> None:
-    """Name OFA's criteria that are not here, instead of argparse's list of every criterion."""
+def check_ofa_only_options(parser: argparse.ArgumentParser, argv: Optional[List[str]]) -> None:
+    """Name what of OFA's own is not here (its plugin directory, criteria this plugin lacks), instead of
+    an import failure or argparse's list of every criterion."""
     from fairseq.criterions import CRITERION_REGISTRY
 
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--criterion")
+    pre.add_argument("--user-dir")
     known, _ = pre.parse_known_args(argv)
+    if known.user_dir and os.path.basename(os.path.normpath(known.user_dir)) == "ofa_module":
+        parser.error(f"--user-dir {known.user_dir} is OFA's own plugin (it needs OFA's fairseq fork); "
+                     f"use --user-dir {PLUGIN_DIR}, or leave --user-dir out")
     if known.criterion in OFA_CRITERIA_ELSEWHERE and known.criterion not in CRITERION_REGISTRY:
         parser.error(f"--criterion {known.criterion} ({OFA_CRITERIA_ELSEWHERE[known.criterion]}) is not "
                      "implemented in mue_fairseq; its criteria are adjust_label_smoothed_cross_entropy and "
@@ -182,7 +188,7 @@ def parse_train_args(argv: Optional[List[str]] = None):
     """(args, cfg) of a training command line in OFA's form (`argv` None: the process's own)."""
     parser = options.get_training_parser()
     add_ofa_train_args(parser)
-    check_criterion(parser, sys.argv[1:] if argv is None else argv)
+    check_ofa_only_options(parser, sys.argv[1:] if argv is None else argv)
     args = options.parse_args_and_arch(parser, argv)
     prepare_args(args, parser)
     cfg = convert_namespace_to_omegaconf(args)
@@ -192,6 +198,10 @@ def parse_train_args(argv: Optional[List[str]] = None):
 
 
 def cli_main(argv: Optional[List[str]] = None) -> None:
+    # fairseq's imports configure the root logger already: take fairseq-train's format and level.
+    logging.basicConfig(format="%(asctime)s | %(levelname)s | %(name)s | %(message)s",
+                        datefmt="%Y-%m-%d %H:%M:%S", level=os.environ.get("LOGLEVEL", "INFO").upper(),
+                        stream=sys.stdout, force=True)
     distributed_cpu.install()
     args, cfg = parse_train_args(argv)
     distributed_utils.call_main(cfg, main, warmup_ratio=args.warmup_ratio)
