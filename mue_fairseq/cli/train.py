@@ -13,7 +13,10 @@ entry point only prepares its configuration:
   the learning rate decays over the updates of E epochs, ``sum(ceil(B / update_freq[e]))`` where B
   is the number of batches each process gets per epoch, and warms up over ``int(R * total)`` of
   them; these replace `--total-num-update` and `--warmup-updates`, and `--max-update` does not
-  enter (a run stopped by it ends part-way down the schedule, as in OFA).
+  enter (a run stopped by it ends part-way down the schedule, as in OFA). B comes from the task's
+  own batching of the first epoch's training file, so each process reads that file once more at
+  start-up. Where OFA divides by a warm-up of 0 updates (a ratio under one update), this warms
+  up over none.
 * `--total-num-update` may be left out: `--max-update` when set, else OFA's default 1,000,000
   (fairseq's default, `--max-update`, makes the scheduler fail when `--max-update` is unset).
 * the data argument of OFA's tasks lists TSV files (training file(s), then the validation file),
@@ -125,6 +128,7 @@ def apply_warmup_ratio(cfg, warmup_ratio: float, num_shards: int = 1, shard_id: 
 def main(cfg, warmup_ratio: float = 0.0) -> None:
     """fairseq's training main, in each process, after the schedule is derived for that process."""
     distributed_cpu.install()  # again here: a spawned process starts without it
+    configure_logging(logging.getLogger().getEffectiveLevel())  # fairseq quiets ranks other than 0
     if warmup_ratio > 0:
         num_shards, shard_id = 1, 0
         if distributed_utils.get_global_group() is not None:
@@ -197,11 +201,16 @@ def parse_train_args(argv: Optional[List[str]] = None):
     return args, cfg
 
 
-def cli_main(argv: Optional[List[str]] = None) -> None:
-    # fairseq's imports configure the root logger already: take fairseq-train's format and level.
+def configure_logging(level: Optional[int] = None) -> None:
+    """fairseq-train's log format, and its level unless given (fairseq's imports configure the root
+    logger before)."""
     logging.basicConfig(format="%(asctime)s | %(levelname)s | %(name)s | %(message)s",
-                        datefmt="%Y-%m-%d %H:%M:%S", level=os.environ.get("LOGLEVEL", "INFO").upper(),
+                        datefmt="%Y-%m-%d %H:%M:%S", level=level or os.environ.get("LOGLEVEL", "INFO").upper(),
                         stream=sys.stdout, force=True)
+
+
+def cli_main(argv: Optional[List[str]] = None) -> None:
+    configure_logging()
     distributed_cpu.install()
     args, cfg = parse_train_args(argv)
     distributed_utils.call_main(cfg, main, warmup_ratio=args.warmup_ratio)
