@@ -6,7 +6,7 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="${MUE_VENV:-$root/.venv}"
 stamp="$venv/.mue-installed"
-if [ -f "$stamp" ] && [ "$stamp" -nt "$root/constraints.txt" ] && [ "$stamp" -nt "$root/setup.py" ]; then
+if [ -f "$stamp" ] && [ "$stamp" -nt "$root/constraints.txt" ] && [ "$stamp" -nt "$root/pyproject.toml" ]; then
   exit 0
 fi
 echo "[setup] creating $venv (first run builds fairseq's extensions: about 3 minutes)" >&2
