@@ -16,6 +16,8 @@ import sys
 import time
 from pathlib import Path
 
+import logging
+
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -69,6 +71,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--out", default=None, help="JSON file for the results")
     args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING, force=True)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     results = {
         "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
