@@ -5,6 +5,7 @@ The runs use the shared OFA CLI fixtures (real photographs, checkpoints written 
 and start `mue_fairseq.cli.evaluate` under `torch.distributed.run` / `torch.distributed.launch`
 as subprocesses, one thread each.
 """
+import csv
 import json
 import os
 import re
@@ -51,22 +52,29 @@ def environment() -> dict:
     return env
 
 
-def evaluate(task: str, out: Path, nproc: int, *extra: str, data: Path = None, batch: int = None):
-    """Run the evaluate CLI on `nproc` processes (torchrun for 2) with the fixture's OFA arguments."""
+def cli_arguments(task: str, out: Path, *extra: str, data: Path = None, batch: int = None,
+                  module: str = "mue_fairseq.cli.evaluate"):
+    """`-m module DATA ...` with the fixture's OFA arguments (../shared/ofa_cli/<task>/command.sh)."""
     tsv, checkpoint, cols, _, generation = TASKS[task]
     data = data or shared(CLI_DIR / tsv)
     overrides = {"bpe_dir": str(shared(BPE_DIR)), "selected_cols": cols}
+    return [
+        "-m", module, str(data), f"--path={shared(REFERENCE_DIR / checkpoint)}",
+        "--user-dir=mue_fairseq", f"--task={task}", f"--batch-size={batch or BATCH[task]}",
+        "--required-batch-size-multiple=1", "--log-format=simple", "--log-interval=1", "--seed=7",
+        "--gen-subset=test", f"--results-path={out}", "--num-workers=0", "--cpu",
+        *(["--no-plots"] if module.endswith("evaluate") else []),
+        f"--model-overrides={overrides!r}", *generation, *extra,
+    ]
+
+
+def evaluate(task: str, out: Path, nproc: int, *extra: str, **kwargs):
+    """Run the evaluate CLI (or the sweep) on `nproc` processes, under torchrun for more than one."""
     launcher = [sys.executable]
     if nproc > 1:
         launcher += ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}"]
-    command = launcher + [
-        "-m", "mue_fairseq.cli.evaluate", str(data), f"--path={shared(REFERENCE_DIR / checkpoint)}",
-        "--user-dir=mue_fairseq", f"--task={task}", f"--batch-size={batch or BATCH[task]}",
-        "--required-batch-size-multiple=1", "--log-format=simple", "--log-interval=1", "--seed=7",
-        "--gen-subset=test", f"--results-path={out}", "--num-workers=0", "--cpu", "--no-plots",
-        f"--model-overrides={overrides!r}", *generation, *extra,
-    ]
-    return subprocess.run(command, cwd=REPO, env=environment(), capture_output=True, text=True, timeout=600)
+    return subprocess.run(launcher + cli_arguments(task, out, *extra, **kwargs), cwd=REPO, env=environment(),
+                          capture_output=True, text=True, timeout=600)
 
 
 def outputs(out: Path):
@@ -159,6 +167,37 @@ def test_a_bad_row_on_one_rank_stops_the_run_and_writes_nothing(tmp_path):
     assert re.search(r"evaluation failed on rank 1 of 2: ValueError: row 1004 \(.*caption_bad.tsv, line 4\)", log), \
         log[-3000:]
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+
+
+def test_fairseq_distributed_options_start_the_ranks_too(tmp_path):
+    """Two processes started by hand with fairseq's --distributed-* options, no launcher."""
+    port = free_port()
+    procs = [subprocess.Popen([sys.executable, *cli_arguments(
+                 "snli_ve", tmp_path / "out", "--distributed-world-size=2", f"--distributed-rank={rank}",
+                 f"--distributed-init-method=tcp://127.0.0.1:{port}")],
+             cwd=REPO, env=environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for rank in range(2)]
+    logs = [proc.communicate(timeout=600)[0] for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0], logs[0][-2000:] + logs[1][-2000:]
+    assert [evaluated_per_rank(log, 2)[rank] for rank, log in enumerate(logs)] == RANK_SAMPLES["snli_ve"]
+    assert outputs(tmp_path / "out")[0] == json.loads(shared(CLI_DIR / "snli_ve" / "test_predict.json").read_text())
+
+
+def test_sweep_on_two_processes_sees_the_one_process_points(tmp_path):
+    """Every rank sees the same merged points (so all follow one search path); rank 0 writes."""
+    sweep = ["--image-thresholds=1,0.9", "--text-thresholds=1", "--decoder-thresholds=1,0.9", "--warmup-batches=1"]
+    runs = [evaluate("snli_ve", tmp_path / name, nproc, *sweep, module="mue_fairseq.cli.sweep")
+            for name, nproc in (("one", 1), ("two", 2))]
+    for run in runs:
+        check_ok(run)
+    timed = ("seconds", "measured_speedup", "pareto_measured")
+
+    def points(name):
+        with open(tmp_path / name / "test_sweep.csv") as handle:
+            return [{k: v for k, v in row.items() if k not in timed} for row in csv.DictReader(handle)]
+
+    assert points("two") == points("one") and len(points("one")) == 4
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["test_sweep.csv", "test_sweep_pareto.png"]
 
 
 # ----------------------------------------------------------------------------- OFA's script
