@@ -88,6 +88,9 @@ def init_processes(args: argparse.Namespace) -> EvalProcesses:
         return EvalProcesses()
     use_cuda = torch.cuda.is_available() and not getattr(args, "cpu", False)
     if use_cuda:
+        if local_rank >= torch.cuda.device_count():
+            raise ValueError(f"local rank {local_rank} has no CUDA device: {torch.cuda.device_count()} visible; "
+                             "start at most that many processes per node, or pass --cpu")
         torch.cuda.set_device(local_rank)
     backend = "nccl" if use_cuda else "gloo"
     dist.init_process_group(backend, init_method=init_method, world_size=world_size, rank=rank)
@@ -149,6 +152,15 @@ def all_gather_floats(processes: EvalProcesses, value: float) -> List[float]:
     gathered: List[Any] = [None] * processes.world_size
     dist.all_gather_object(gathered, float(value))
     return gathered
+
+
+def broadcast_from_main(processes: EvalProcesses, value: Any) -> Any:
+    """Rank 0's `value` on every rank."""
+    if not processes.distributed:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def barrier(processes: EvalProcesses) -> None:

@@ -25,9 +25,10 @@ from fairseq import options, utils
 from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 from fairseq.logging import progress_bar
 
-from mue_fairseq.cli.distributed_eval import (EvalProcesses, add_launcher_arguments, all_gather_floats, barrier,
-                                              close_processes, configure_logging, current_processes,
-                                              gather_shards, init_processes, interleave_batches)
+from mue_fairseq.cli.distributed_eval import (
+    EvalProcesses, add_launcher_arguments, all_gather_floats, barrier, broadcast_from_main, close_processes,
+    configure_logging, current_processes, gather_shards, init_processes, interleave_batches,
+)
 
 logger = logging.getLogger("mue_fairseq.evaluate")
 
@@ -171,7 +172,7 @@ def run_evaluation(models, task, cfg, subset: Optional[str] = None, snli_mode: s
     except Exception as err:  # the other ranks must learn of it: see gather_shards
         error = err
     shards = gather_shards(processes, batches, error)
-    rank_seconds = all_gather_floats(processes, sum(b.seconds for b in batches))
+    rank_seconds = [sum(b.seconds for b in shard) for shard in shards]
     rank_samples = [sum(b.num_samples for b in shard) for shard in shards]
     logger.info("%s %s: rank %d of %d evaluated %d samples in %d batches, model time %.2f s", task_name, subset,
                 processes.rank, processes.world_size, rank_samples[processes.rank], len(batches),
@@ -187,10 +188,13 @@ def run_evaluation(models, task, cfg, subset: Optional[str] = None, snli_mode: s
         correct += batch.correct
         merged_stats.samples.extend(batch.exits)
         merged_stats.add_wall_clock(batch.seconds, batch.num_samples)
-    if is_snli:
-        scores = {"accuracy": 100.0 * sum(correct) / max(len(correct), 1)}
-    else:
-        scores = caption_scores(hyps, refs, official_caption_scores)
+    scores = None
+    if processes.is_main:  # once (pycocoevalcap starts a JVM); every rank gets the same scores
+        if is_snli:
+            scores = {"accuracy": 100.0 * sum(correct) / max(len(correct), 1)}
+        else:
+            scores = caption_scores(hyps, refs, official_caption_scores)
+    scores = broadcast_from_main(processes, scores)
     wall_seconds = max(all_gather_floats(processes, time.perf_counter() - run_start))
     result = EvaluationResult(task_name, subset, len(predictions), scores,
                               merged_stats.summary() if len(merged_stats) else {}, sum(rank_seconds), predictions,
