@@ -15,9 +15,8 @@ import ast
 import json
 import logging
 import os
-import sys
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -25,6 +24,11 @@ import torch
 from fairseq import options, utils
 from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 from fairseq.logging import progress_bar
+
+from mue_fairseq.cli.distributed_eval import (
+    EvalProcesses, add_launcher_arguments, all_gather_floats, barrier, broadcast_from_main, close_processes,
+    configure_logging, current_processes, gather_shards, init_processes, interleave_batches,
+)
 
 logger = logging.getLogger("mue_fairseq.evaluate")
 
@@ -36,8 +40,11 @@ class EvaluationResult:
     num_samples: int
     scores: Dict[str, float]
     exit_summary: dict
-    seconds: float
+    seconds: float  # model time, summed over ranks
     predictions: list
+    rank_seconds: List[float] = field(default_factory=list)  # model time of each rank
+    rank_samples: List[int] = field(default_factory=list)  # samples each rank evaluated
+    wall_seconds: Optional[float] = None  # the whole run (data, model, merge), slowest rank
 
     def quality(self) -> float:
         """The headline metric: SNLI-VE accuracy, or caption CIDEr."""
@@ -85,6 +92,10 @@ def load_for_evaluation(args: argparse.Namespace):
         overrides["data"] = args.data
     models, _, task = load_ofa_ensemble(utils.split_paths(cfg.common_eval.path), arg_overrides=overrides)
     use_cuda = torch.cuda.is_available() and not cfg.common.cpu
+    if cfg.common.fp16 and not use_cuda:
+        # OFA's scripts pass --fp16 for their GPUs; half precision on the CPU is slow or unsupported.
+        logger.warning("--fp16 needs a CUDA device: evaluating in float32 on the CPU")
+        cfg.common.fp16 = False
     for model in models:
         model.eval()
         if cfg.common.fp16:
@@ -99,21 +110,43 @@ def _synchronize():
         torch.cuda.synchronize()
 
 
+@dataclass
+class BatchOutput:
+    """What one batch gives the merged result: its rows in order (to gather them across ranks)."""
+
+    predictions: list
+    hyps: List[str]
+    refs: List[List[str]]
+    correct: List[float]
+    exits: list  # SampleExits of its samples (none without exit records)
+    seconds: float
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.predictions)
+
+
 def run_evaluation(models, task, cfg, subset: Optional[str] = None, snli_mode: str = "score",
-                   official_caption_scores: bool = False, progress: bool = True):
+                   official_caption_scores: bool = False, progress: bool = True,
+                   processes: Optional[EvalProcesses] = None):
     """Evaluate `models[0]` on `subset`; returns (EvaluationResult, ExitStatistics).
 
-    Only the model is timed (device synchronised), not data loading or scoring.
+    Only the model is timed (device synchronised), not data loading or scoring. On several
+    processes each rank evaluates its shard of the batches and every rank returns the same
+    merged result, rows in one-process order (`mue_fairseq.cli.distributed_eval`).
     """
     from mue_fairseq.metrics.exit_stats import ExitStatistics
 
+    processes = processes or current_processes()
     subset = subset or cfg.dataset.gen_subset
     model = models[0]
     task_name = task.__class__.__name__
     task.load_dataset(subset)
+    barrier(processes)  # the run's wall-clock starts when every rank is ready
+    run_start = time.perf_counter()
     itr = task.get_batch_iterator(
         dataset=task.dataset(subset), max_tokens=cfg.dataset.max_tokens, max_sentences=cfg.dataset.batch_size,
-        num_shards=1, shard_id=0, num_workers=cfg.dataset.num_workers,
+        num_shards=processes.world_size, shard_id=processes.rank, num_workers=cfg.dataset.num_workers,
     ).next_epoch_itr(shuffle=False)
     bar = progress_bar.progress_bar(itr, log_format=cfg.common.log_format if progress else "none",
                                     log_interval=cfg.common.log_interval, default_log_format="tqdm")
@@ -128,54 +161,90 @@ def run_evaluation(models, task, cfg, subset: Optional[str] = None, snli_mode: s
     generator = None
     if not is_snli or snli_mode == "generate":
         generator = task.build_generator(models, cfg.generation)
-    predictions, hyps, refs, correct = [], [], [], []
-    seconds = 0.0
-    with torch.no_grad():
-        for sample in bar:
-            sample = utils.move_to_cuda(sample) if use_cuda else sample
-            if cfg.common.fp16:
-                sample = utils.apply_to_sample(lambda t: t.half() if t.is_floating_point() else t, sample)
-            ids = sample["id"].tolist()
-            _synchronize()
-            start = time.perf_counter()
-            if is_snli and snli_mode == "score":
-                answers, image_layers, text_layers, decoder_layers = task.answer_with_exits(model, sample)
-                _synchronize()
-                elapsed = time.perf_counter() - start
-                width = int(sample["net_input"]["src_tokens"].size(1))
-                for row, sample_id in enumerate(ids):
-                    # One decoder depth per sample (its candidates stop together): the first pass's.
-                    stats.add_sample(sample_id, image_layers[row], text_layers[row], decoder_layers[row][:1], width,
-                                     len(ids))
-            else:
-                hypos = task.inference_step(generator, models, sample)
-                _synchronize()
-                elapsed = time.perf_counter() - start
-                if "exit_layers" in hypos[0][0]:
-                    stats.add_generated(sample, hypos)
-                answers = (task.generated_answers(sample, hypos) if is_snli
-                           else [task.decode(h[0]["tokens"]).strip() for h in hypos])
-            seconds += elapsed
-            stats.add_wall_clock(elapsed, len(ids))
-            if is_snli:
-                for sample_id, answer, ref_dict in zip(ids, answers, sample["ref_dict"]):
-                    predictions.append({"uniq_id": sample_id, "answer": answer})
-                    correct.append(ref_dict.get(answer, 0))
-            else:
-                from mue_fairseq.data.caption_dataset import strip_punctuation
+    batches: List[BatchOutput] = []
+    error = None
+    try:
+        with torch.no_grad():
+            for sample in bar:
+                if not sample:  # fairseq pads a short shard with empty batches
+                    continue
+                batches.append(_evaluate_batch(task, models, generator, cfg, stats, sample, use_cuda, scoring))
+    except Exception as err:  # the other ranks must learn of it: see gather_shards
+        error = err
+    shards = gather_shards(processes, batches, error)
+    rank_seconds = [sum(b.seconds for b in shard) for shard in shards]
+    rank_samples = [sum(b.num_samples for b in shard) for shard in shards]
+    logger.info("%s %s: rank %d of %d evaluated %d samples in %d batches, model time %.2f s", task_name, subset,
+                processes.rank, processes.world_size, rank_samples[processes.rank], len(batches),
+                rank_seconds[processes.rank])
 
-                for i, (sample_id, text) in enumerate(zip(ids, answers)):
-                    caption = strip_punctuation(text).strip()
-                    predictions.append({"image_id": sample_id, "caption": caption})
-                    hyps.append(caption)
-                    target = utils.strip_pad(sample["target"][i], task.tgt_dict.pad())
-                    refs.append([strip_punctuation(r).strip() for r in task.decode(target).split("&&")])
-    if is_snli:
-        scores = {"accuracy": 100.0 * sum(correct) / max(len(correct), 1)}
+    merged = interleave_batches(shards)
+    merged_stats = ExitStatistics(stats.encoder_layers, stats.decoder_layers, stats.flop_model)
+    predictions, hyps, refs, correct = [], [], [], []
+    for batch in merged:
+        predictions += batch.predictions
+        hyps += batch.hyps
+        refs += batch.refs
+        correct += batch.correct
+        merged_stats.samples.extend(batch.exits)
+        merged_stats.add_wall_clock(batch.seconds, batch.num_samples)
+    scores = None
+    if processes.is_main:  # once (pycocoevalcap starts a JVM); every rank gets the same scores
+        if is_snli:
+            scores = {"accuracy": 100.0 * sum(correct) / max(len(correct), 1)}
+        else:
+            scores = caption_scores(hyps, refs, official_caption_scores)
+    scores = broadcast_from_main(processes, scores)
+    wall_seconds = max(all_gather_floats(processes, time.perf_counter() - run_start))
+    result = EvaluationResult(task_name, subset, len(predictions), scores,
+                              merged_stats.summary() if len(merged_stats) else {}, sum(rank_seconds), predictions,
+                              rank_seconds=rank_seconds, rank_samples=rank_samples, wall_seconds=wall_seconds)
+    return result, merged_stats
+
+
+def _evaluate_batch(task, models, generator, cfg, stats, sample, use_cuda: bool, scoring: bool) -> BatchOutput:
+    """Run the model on one batch (timed) and turn its output into rows; exits go to `stats`."""
+    model = models[0]
+    is_snli = hasattr(task, "score_answers")
+    sample = utils.move_to_cuda(sample) if use_cuda else sample
+    if cfg.common.fp16:
+        sample = utils.apply_to_sample(lambda t: t.half() if t.is_floating_point() else t, sample)
+    ids = sample["id"].tolist()
+    first_exit = len(stats)
+    _synchronize()
+    start = time.perf_counter()
+    if scoring:
+        answers, image_layers, text_layers, decoder_layers = task.answer_with_exits(model, sample)
+        _synchronize()
+        elapsed = time.perf_counter() - start
+        width = int(sample["net_input"]["src_tokens"].size(1))
+        for row, sample_id in enumerate(ids):
+            # One decoder depth per sample (its candidates stop together): the first pass's.
+            stats.add_sample(sample_id, image_layers[row], text_layers[row], decoder_layers[row][:1], width,
+                             len(ids))
     else:
-        scores = caption_scores(hyps, refs, official_caption_scores)
-    return EvaluationResult(task_name, subset, len(predictions), scores, stats.summary() if len(stats) else {},
-                            seconds, predictions), stats
+        hypos = task.inference_step(generator, models, sample)
+        _synchronize()
+        elapsed = time.perf_counter() - start
+        if "exit_layers" in hypos[0][0]:
+            stats.add_generated(sample, hypos)
+        answers = (task.generated_answers(sample, hypos) if is_snli
+                   else [task.decode(h[0]["tokens"]).strip() for h in hypos])
+    out = BatchOutput([], [], [], [], stats.samples[first_exit:], elapsed)
+    if is_snli:
+        for sample_id, answer, ref_dict in zip(ids, answers, sample["ref_dict"]):
+            out.predictions.append({"uniq_id": sample_id, "answer": answer})
+            out.correct.append(ref_dict.get(answer, 0))
+    else:
+        from mue_fairseq.data.caption_dataset import strip_punctuation
+
+        for i, (sample_id, text) in enumerate(zip(ids, answers)):
+            caption = strip_punctuation(text).strip()
+            out.predictions.append({"image_id": sample_id, "caption": caption})
+            out.hyps.append(caption)
+            target = utils.strip_pad(sample["target"][i], task.tgt_dict.pad())
+            out.refs.append([strip_punctuation(r).strip() for r in task.decode(target).split("&&")])
+    return out
 
 
 def caption_scores(hyps: List[str], refs: List[List[str]], official: bool) -> Dict[str, float]:
@@ -196,6 +265,11 @@ def caption_scores(hyps: List[str], refs: List[List[str]], official: bool) -> Di
 
 
 def write_results(result: EvaluationResult, stats, results_path: str, plots: bool = True) -> Dict[str, Path]:
+    """Write predictions, scores and exit statistics (and plots) to `results_path`.
+
+    Each file is written under a temporary name and all are renamed at the end, so a run that
+    fails leaves no file that looks complete.
+    """
     out = Path(results_path)
     out.mkdir(parents=True, exist_ok=True)
     paths = {
@@ -203,39 +277,70 @@ def write_results(result: EvaluationResult, stats, results_path: str, plots: boo
         "scores": out / f"{result.subset}_scores.json",
         "exit_stats": out / f"{result.subset}_exit_stats.json",
     }
-    paths["predictions"].write_text(json.dumps(result.predictions, indent=1))
-    paths["scores"].write_text(json.dumps({"num_samples": result.num_samples, "seconds": result.seconds,
-                                           **result.scores}, indent=1))
+    texts = {
+        "predictions": json.dumps(result.predictions, indent=1),
+        "scores": json.dumps({"num_samples": result.num_samples, "seconds": result.seconds, **result.scores,
+                              "processes": len(result.rank_seconds) or 1, "rank_seconds": result.rank_seconds,
+                              "rank_samples": result.rank_samples, "wall_seconds": result.wall_seconds}, indent=1),
+    }
     if len(stats):
-        stats.write_json(paths["exit_stats"])
-        if plots:
-            from mue_fairseq.metrics.plots import plot_exit_histograms
+        texts["exit_stats"] = json.dumps(stats.to_json(), indent=1)
+    else:
+        del paths["exit_stats"]
+    temporary = {key: path.with_name(f".{path.name}.{os.getpid()}.tmp") for key, path in paths.items()}
+    try:
+        for key, text in texts.items():
+            temporary[key].write_text(text)
+        for key in texts:
+            os.replace(temporary[key], paths[key])
+    finally:
+        for path in temporary.values():
+            path.unlink(missing_ok=True)
+    if len(stats) and plots:
+        from mue_fairseq.metrics.plots import plot_exit_histograms
 
-            paths.update({f"plot_{k}": v for k, v in plot_exit_histograms(paths["exit_stats"]).items()})
+        paths.update({f"plot_{k}": v for k, v in plot_exit_histograms(paths["exit_stats"]).items()})
     return paths
 
 
-def cli_main(argv: Optional[List[str]] = None) -> EvaluationResult:
-    # fairseq's import configures the root logger already: force our format and level.
-    logging.basicConfig(format="%(asctime)s | %(levelname)s | %(name)s | %(message)s",
-                        level=os.environ.get("LOGLEVEL", "INFO").upper(), stream=sys.stdout, force=True)
-    logging.getLogger("matplotlib").setLevel(logging.WARNING)
+def parse_evaluation_args(argv: Optional[List[str]] = None, extra_arguments=None) -> argparse.Namespace:
+    """fairseq's generation options, MuE's, and what OFA's launcher passes (`--local-rank`)."""
     parser = options.get_generation_parser()
     add_mue_arguments(parser)
+    add_launcher_arguments(parser)
+    if extra_arguments is not None:
+        extra_arguments(parser)
     args = options.parse_args_and_arch(parser, argv)
     if not args.path:
         parser.error("--path is required")
+    return args
+
+
+def cli_main(argv: Optional[List[str]] = None) -> EvaluationResult:
+    configure_logging()
+    args = parse_evaluation_args(argv)
+    processes = init_processes(args)
+    configure_logging(processes)
+    try:
+        return _evaluate_and_write(args, processes)
+    finally:
+        close_processes(processes)
+
+
+def _evaluate_and_write(args: argparse.Namespace, processes: EvalProcesses) -> EvaluationResult:
     models, task, cfg = load_for_evaluation(args)
     result, stats = run_evaluation(models, task, cfg, snli_mode=args.snli_mode,
-                                   official_caption_scores=args.official_caption_scores)
-    if cfg.common_eval.results_path:
+                                   official_caption_scores=args.official_caption_scores, processes=processes)
+    if cfg.common_eval.results_path and processes.is_main:
         paths = write_results(result, stats, cfg.common_eval.results_path, plots=not args.no_plots)
         logger.info("wrote %s", ", ".join(str(p) for p in paths.values()))
     if len(stats):
         stats.log_to_fairseq_metrics()
     summary = result.exit_summary
-    logger.info("%s %s: %d samples, %s, model time %.2f s", result.task, result.subset, result.num_samples,
-                ", ".join(f"{k} {v:.2f}" for k, v in result.scores.items()), result.seconds)
+    logger.info("%s %s: %d samples, %s, model time %.2f s%s", result.task, result.subset, result.num_samples,
+                ", ".join(f"{k} {v:.2f}" for k, v in result.scores.items()), result.seconds,
+                f" ({' + '.join(f'{s:.2f}' for s in result.rank_seconds)} on {processes.world_size} processes), "
+                f"run {result.wall_seconds:.2f} s" if processes.distributed else "")
     if summary:
         logger.info("exit summary: %s", json.dumps(summary.get("mean_exit_layers", summary))[:500])
     return result

@@ -27,7 +27,6 @@ import itertools
 import json
 import logging
 import math
-import os
 import shlex
 import sys
 from dataclasses import dataclass, field
@@ -381,8 +380,12 @@ def add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--target", type=float, default=0.99, help="quality target as a fraction of full depth")
 
 
-def run_sweep(args: argparse.Namespace, argv: Sequence[str]) -> dict:
-    """Load once, sweep, write CSV + plot (+ calibration); returns paths and the chosen point."""
+def run_sweep(args: argparse.Namespace, argv: Sequence[str], write: bool = True) -> dict:
+    """Load once, sweep, write CSV + plot (+ calibration); returns paths and the chosen point.
+
+    On several processes every rank evaluates its shard of each point and sees the same merged
+    points (so all take the same search path); only the one given `write` writes files.
+    """
     from mue_fairseq.cli.evaluate import load_for_evaluation
 
     grid = [parse_thresholds(getattr(args, f"{stream}_thresholds"), f"--{stream}-thresholds") for stream in STREAMS]
@@ -395,12 +398,15 @@ def run_sweep(args: argparse.Namespace, argv: Sequence[str]) -> dict:
     models, task, cfg = load_for_evaluation(args)
     subset = cfg.dataset.gen_subset
     out = Path(cfg.common_eval.results_path or "sweep_results")
-    out.mkdir(parents=True, exist_ok=True)
+    if write:
+        out.mkdir(parents=True, exist_ok=True)
     csv_path, plot_path = out / f"{subset}_sweep.csv", out / f"{subset}_sweep_pareto.png"
 
     sweeper = Sweeper(models, task, cfg, subset, snli_mode=args.snli_mode, repeats=args.repeats)
     # rewrite the CSV after every point, so an interrupted sweep keeps what it measured
-    sweeper.on_point = lambda _: write_csv(list(sweeper.points.values()), sweeper.reference, args.target, csv_path)
+    if write:
+        sweeper.on_point = lambda _: write_csv(list(sweeper.points.values()), sweeper.reference, args.target,
+                                               csv_path)
     sweeper.warm_up(args.warmup_batches)
     if args.search == "grid":
         sweeper.grid(grid)
@@ -408,10 +414,12 @@ def run_sweep(args: argparse.Namespace, argv: Sequence[str]) -> dict:
         sweeper.coordinate_descent(grid, args.target, args.rounds, args.time_tolerance)
     points, reference = list(sweeper.points.values()), sweeper.reference
     chosen = calibrate(points, reference, args.target, args.time_tolerance) if args.calibrate else None
+    output = {"csv": csv_path, "plot": plot_path, "points": points, "reference": reference, "chosen": chosen}
+    if not write:
+        return output
     write_csv(points, reference, args.target, csv_path)
     plot_pareto(points, reference, plot_path, target=args.target if args.calibrate else None, chosen=chosen)
     logger.info("wrote %s, %s (%d points)", csv_path, plot_path, len(points))
-    output = {"csv": csv_path, "plot": plot_path, "points": points, "reference": reference, "chosen": chosen}
     if chosen is not None:
         command = evaluate_command(argv, chosen)
         calibration = {
@@ -435,21 +443,19 @@ def run_sweep(args: argparse.Namespace, argv: Sequence[str]) -> dict:
 
 
 def cli_main(argv: Optional[List[str]] = None) -> dict:
-    from fairseq import options
+    from mue_fairseq.cli.distributed_eval import close_processes, configure_logging, init_processes
+    from mue_fairseq.cli.evaluate import parse_evaluation_args
 
-    from mue_fairseq.cli.evaluate import add_mue_arguments
-
-    logging.basicConfig(format="%(asctime)s | %(levelname)s | %(name)s | %(message)s",
-                        level=os.environ.get("LOGLEVEL", "INFO").upper(), stream=sys.stdout, force=True)
-    logging.getLogger("matplotlib").setLevel(logging.WARNING)
+    configure_logging()
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = options.get_generation_parser()
-    add_mue_arguments(parser)
-    add_sweep_arguments(parser)
-    args = options.parse_args_and_arch(parser, argv)
-    if not args.path:
-        parser.error("--path is required")
-    return run_sweep(args, argv)
+    args = parse_evaluation_args(argv, extra_arguments=add_sweep_arguments)
+    processes = init_processes(args)
+    configure_logging(processes)
+    try:
+        return run_sweep(args, [a for a in argv if not a.startswith(("--local-rank", "--local_rank"))],
+                         write=processes.is_main)
+    finally:
+        close_processes(processes)
 
 
 def _fmt(value: Optional[float]) -> str:
