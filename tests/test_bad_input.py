@@ -82,3 +82,48 @@ def test_exit_options_the_policy_uses_pass():
     assert mue_overrides(mue_exit_policy="entropy", mue_static_image_layers=3, mue_entropy_threshold=0.5)
     # Defaults ask for nothing, so naming them is harmless.
     assert mue_overrides(mue_exit_policy="static", mue_decoder_threshold=1.0)
+
+
+# ----------------------------------------------------------------------------- evaluation results
+
+
+def _evaluate(tmp_path, results, *extra):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    overrides = {"data": str(CAPTION_TSV), "bpe_dir": str(BPE_DIR), "selected_cols": "1,4,2"}
+    args = [sys.executable, "-m", "mue_fairseq.cli.evaluate", str(require_file(CAPTION_TSV)), "--path", str(HOLDOUT),
+            "--user-dir", str(REPO / "mue_fairseq"), "--task", "caption", "--gen-subset", "test", "--batch-size", "4",
+            "--required-batch-size-multiple", "1", "--cpu", "--beam", "1", "--max-len-b", "4",
+            "--results-path", str(results), "--model-overrides", repr(overrides), *extra]
+    return subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_results_path_that_is_a_file_is_refused_before_the_model_loads(tmp_path):
+    blocker = tmp_path / "results"
+    blocker.write_text("not a folder")
+    for target in (blocker, blocker / "inside"):
+        proc = _evaluate(tmp_path, target)
+        assert proc.returncode != 0
+        assert "--results-path" in proc.stderr and "is a file, not a folder" in proc.stderr
+        assert "samples" not in proc.stdout  # nothing was evaluated
+
+
+def test_an_earlier_runs_exit_statistics_do_not_stay_beside_new_results(tmp_path):
+    results = tmp_path / "results"
+    first = _evaluate(tmp_path, results, "--mue-image-threshold", "0.9", "--mue-text-threshold", "0.9")
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert (results / "test_exit_stats.json").exists()
+    assert list(results.glob("test_exit_stats.*_exits.png"))
+    second = _evaluate(tmp_path, results)  # no exits this time
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert not (results / "test_exit_stats.json").exists()
+    assert not list(results.glob("test_exit_stats.*_exits.png"))
+    assert "left by an earlier run" in second.stdout + second.stderr
+    wrote = [line for line in second.stdout.splitlines() if "| wrote " in line]
+    assert wrote and "exit_stats" not in wrote[-1]
+    assert not list(results.glob(".*.tmp"))
+
+
+def test_task_other_than_the_checkpoints_is_named(tmp_path):
+    proc = _evaluate(tmp_path, tmp_path / "results", "--task", "snli_ve")
+    assert proc.returncode != 0
+    assert "--task snli_ve but the checkpoint" in proc.stderr and "trained for 'caption'" in proc.stderr

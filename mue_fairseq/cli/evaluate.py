@@ -90,7 +90,10 @@ def load_for_evaluation(args: argparse.Namespace):
         overrides.update(mue_overrides(**mue))
     if args.data:
         overrides["data"] = args.data
-    models, _, task = load_ofa_ensemble(utils.split_paths(cfg.common_eval.path), arg_overrides=overrides)
+    # fairseq's generation parser defaults to translation, which means no --task was given.
+    asked_task = args.task if args.task != "translation" else None
+    models, _, task = load_ofa_ensemble(utils.split_paths(cfg.common_eval.path), arg_overrides=overrides,
+                                        task_name=asked_task)
     use_cuda = torch.cuda.is_available() and not cfg.common.cpu
     if cfg.common.fp16 and not use_cuda:
         # OFA's scripts pass --fp16 for their GPUs; half precision on the CPU is slow or unsupported.
@@ -264,6 +267,38 @@ def caption_scores(hyps: List[str], refs: List[List[str]], official: bool) -> Di
     return scores
 
 
+def check_results_path(results_path: str) -> Path:
+    """The results folder, made if needed; an error naming it if it cannot hold results.
+
+    Checked before the model is loaded, so a bad path does not cost a whole evaluation.
+    """
+    out = Path(results_path)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--results-path {out} is a file, not a folder")
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise NotADirectoryError(f"--results-path {out}: {parent} is a file, not a folder")
+            break
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OSError(f"--results-path {out}: cannot make the folder ({err.strerror})") from err
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise PermissionError(f"--results-path {out}: the folder is not writable")
+    return out
+
+
+def remove_stale_exit_files(out: Path, subset: str, keep_json: bool) -> List[Path]:
+    """Delete exit statistics / histograms of an earlier run that this run does not write again."""
+    stale = sorted(out.glob(f"{subset}_exit_stats.*_exits.png"))
+    if not keep_json and (out / f"{subset}_exit_stats.json").exists():
+        stale.append(out / f"{subset}_exit_stats.json")
+    for path in stale:
+        path.unlink()
+    return stale
+
+
 def write_results(result: EvaluationResult, stats, results_path: str, plots: bool = True) -> Dict[str, Path]:
     """Write predictions, scores and exit statistics (and plots) to `results_path`.
 
@@ -296,6 +331,10 @@ def write_results(result: EvaluationResult, stats, results_path: str, plots: boo
     finally:
         for path in temporary.values():
             path.unlink(missing_ok=True)
+    # Files of an earlier run into the same folder must not sit beside this run's as if they were its own.
+    stale = remove_stale_exit_files(out, result.subset, keep_json=bool(len(stats)))
+    if stale:
+        logger.warning("removed %s: left by an earlier run, not produced by this one", ", ".join(map(str, stale)))
     if len(stats) and plots:
         from mue_fairseq.metrics.plots import plot_exit_histograms
 
@@ -328,6 +367,8 @@ def cli_main(argv: Optional[List[str]] = None) -> EvaluationResult:
 
 
 def _evaluate_and_write(args: argparse.Namespace, processes: EvalProcesses) -> EvaluationResult:
+    if args.results_path and processes.is_main:
+        check_results_path(args.results_path)
     models, task, cfg = load_for_evaluation(args)
     result, stats = run_evaluation(models, task, cfg, snli_mode=args.snli_mode,
                                    official_caption_scores=args.official_caption_scores, processes=processes)

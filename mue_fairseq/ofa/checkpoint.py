@@ -48,6 +48,13 @@ def checkpoint_architecture(state: Dict) -> Optional[str]:
     return getattr(holder, "_name", None) or getattr(holder, "arch", None)
 
 
+def checkpoint_task(state: Dict) -> Optional[str]:
+    """The task name recorded in a loaded checkpoint dict (`cfg.task` or legacy `args`)."""
+    if state.get("cfg") is not None and state["cfg"].get("task") is not None:
+        return state["cfg"]["task"].get("_name")
+    return getattr(state.get("args"), "task", None)
+
+
 def check_is_ofa_checkpoint(path: str, state: Dict, accepted: Sequence[str]) -> str:
     """Raise a clear error unless `state` (loaded from `path`) holds one of `accepted` architectures."""
     for key in ("model", "cfg"):
@@ -91,14 +98,19 @@ def read_checkpoint(path: str, arg_overrides: Optional[Dict] = None) -> Dict:
 
 def load_ofa_ensemble(
     paths: List[str], arg_overrides: Optional[Dict] = None, task=None,
-    accepted: Sequence[str] = OFA_ARCHITECTURES + MUE_ARCHITECTURES,
+    accepted: Sequence[str] = OFA_ARCHITECTURES + MUE_ARCHITECTURES, task_name: Optional[str] = None,
 ) -> Tuple[list, object, object]:
-    """`checkpoint_utils.load_model_ensemble_and_task` after checking each file is an OFA model."""
+    """`checkpoint_utils.load_model_ensemble_and_task` after checking each file is an OFA model
+    (and, with `task_name`, one trained for that task: the checkpoint's task would win silently)."""
     from fairseq import checkpoint_utils
 
     # A trained checkpoint holds its ResNet weights: the file it was initialised from (--resnet-model-path)
     # is not needed, and often not there, at evaluation time. An explicit override still wins.
     arg_overrides = {"resnet_model_path": None, **(arg_overrides or {})}
     for path in paths:
-        check_is_ofa_checkpoint(path, read_checkpoint(path, arg_overrides), accepted)
+        state = read_checkpoint(path, arg_overrides)
+        check_is_ofa_checkpoint(path, state, accepted)
+        trained_for = checkpoint_task(state)
+        if task_name is not None and trained_for is not None and trained_for != task_name:
+            raise ValueError(f"--task {task_name} but the checkpoint {path} was trained for {trained_for!r}")
     return checkpoint_utils.load_model_ensemble_and_task(paths, arg_overrides=arg_overrides, task=task)
