@@ -66,6 +66,20 @@ class OFAConfig(FairseqDataclass):
     )
 
 
+# Sequence-generator keyword <- (generation option, value when the option is absent)
+_GENERATION_OPTIONS = (
+    ("beam_size", "beam", 5),
+    ("max_len_a", "max_len_a", 0),
+    ("max_len_b", "max_len_b", 200),
+    ("min_len", "min_len", 1),
+    ("len_penalty", "lenpen", 1),
+    ("unk_penalty", "unkpen", 0),
+    ("temperature", "temperature", 1.0),
+    ("match_source_len", "match_source_len", False),
+    ("no_repeat_ngram_size", "no_repeat_ngram_size", 0),
+)
+
+
 def contiguous_batches(num_samples: int, batch_size: int) -> List[List[int]]:
     """Consecutive index chunks of ``batch_size`` covering every sample; the last may be smaller."""
     return [list(range(start, min(start + batch_size, num_samples))) for start in range(0, num_samples, batch_size)]
@@ -124,26 +138,21 @@ class OFATask(FairseqTask):
     def get_batch_iterator(
         self,
         dataset,
-        max_tokens=None,
         max_sentences=None,
-        max_positions=None,
-        ignore_invalid_inputs=False,
-        required_batch_size_multiple=1,
         seed=1,
         num_shards=1,
         shard_id=0,
         num_workers=0,
         epoch=1,
         data_buffer_size=0,
-        disable_iterator_cache=False,
         skip_remainder_batch=False,
         grouped_shuffling=False,
-        update_epoch_batch_itr=False,
+        **size_options,
     ):
         """Batches of ``--batch-size`` consecutive rows that cover every row, as OFA batches.
 
-        ``--required-batch-size-multiple`` and ``--max-tokens`` are not applied:
-        fairseq's size-based batching can drop a final partial batch, and
+        ``size_options`` (``--max-tokens``, ``--required-batch-size-multiple``, max positions, ...)
+        are accepted and not applied: fairseq's size-based batching can drop a final partial batch, and
         evaluation must see every sample. fairseq shards the batches over
         workers and shuffles their order in training.
         """
@@ -260,22 +269,9 @@ class OFATask(FairseqTask):
                 raise ValueError(f"--constraint-range is not supported by {seq_gen_cls.__name__}")
             kwargs["constraint_range"] = self.cfg.constraint_range
         kwargs.update(extra_gen_cls_kwargs or {})
-        return seq_gen_cls(
-            models,
-            self.target_dictionary,
-            beam_size=getattr(args, "beam", 5),
-            max_len_a=getattr(args, "max_len_a", 0),
-            max_len_b=getattr(args, "max_len_b", 200),
-            min_len=getattr(args, "min_len", 1),
-            normalize_scores=not getattr(args, "unnormalized", False),
-            len_penalty=getattr(args, "lenpen", 1),
-            unk_penalty=getattr(args, "unkpen", 0),
-            temperature=getattr(args, "temperature", 1.0),
-            match_source_len=getattr(args, "match_source_len", False),
-            no_repeat_ngram_size=getattr(args, "no_repeat_ngram_size", 0),
-            search_strategy=search_strategy,
-            **kwargs,
-        )
+        options = {keyword: getattr(args, name, default) for keyword, name, default in _GENERATION_OPTIONS}
+        options["normalize_scores"] = not getattr(args, "unnormalized", False)
+        return seq_gen_cls(models, self.target_dictionary, search_strategy=search_strategy, **options, **kwargs)
 
     def _search_strategy(self, args, prefix_allowed_tokens_fn=None):
         sampling = getattr(args, "sampling", False)
