@@ -4,7 +4,7 @@
 
 1. Models: the quickstart's (same work dir layout, same training command), trained here unless
    `--work-dir` already holds them: a 6+6-layer OFA-architecture model per task, fine-tuned with
-   the layer-wise loss on the synthetic task (`data_utils/synthetic_task.py`).
+   the layer-wise loss on the synthetic task (`data_utils/synthetic/`).
 2. Policies, each with its knob swept, on one loaded model per task (options changed in place):
    full depth; static depth k/N for every stream and token (the smaller-model baseline); entropy
    (DeeBERT), patience (PABEE) and softmax confidence (CALM) on decoder tokens with the encoder at
@@ -198,7 +198,7 @@ def sweep_task(task: str, work: Path, data_dir: Path, bpe_dir: str, args) -> Lis
     snli_mode = "score"
     meta = None
     if task == "snli_ve":  # per-difficulty accuracy, from the generator's meta records of the test rows
-        from data_utils.synthetic_task import load_meta
+        from mue_fairseq.metrics.synthetic_content import load_meta
 
         meta_file = test_file.with_suffix(".meta.jsonl")
         meta = load_meta(str(meta_file)) if meta_file.exists() else None
@@ -512,7 +512,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
             for run in runs)
         return report(rows, setting, Path(args.out_dir), args.markdown)
 
-    from data_utils.synthetic_task import build_synthetic_task
+    from data_utils.synthetic import build_synthetic_task
     from mue_fairseq.cli import quickstart
     from mue_fairseq.data.ofa_bpe import check_bpe_dir
 
