@@ -45,6 +45,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from markdown_section import update_section  # noqa: E402  (benchmarks/, beside this script)
+from mue_fairseq.exits.selection import pareto_front  # noqa: E402
 
 logger = logging.getLogger("bench_exit_policies")
 
@@ -232,11 +233,7 @@ def sweep_task(task: str, work: Path, data_dir: Path, bpe_dir: str, args) -> Lis
 
 def pareto(rows: Sequence[Dict]) -> List[Dict]:
     """Rows no other row beats on both measured speed-up and quality, slowest first."""
-    ordered = sorted(rows, key=lambda r: (-r["measured_speedup"], -r["quality"]))
-    front = []
-    for row in ordered:
-        if not front or row["quality"] > front[-1]["quality"]:
-            front.append(row)
+    front = pareto_front(rows, cost=lambda r: -r["measured_speedup"], quality=lambda r: r["quality"])
     return sorted(front, key=lambda r: r["measured_speedup"])
 
 
