@@ -54,10 +54,6 @@ class Scene:
                 return obj
         return None
 
-    @property
-    def has_hollow(self) -> bool:
-        return any(o.color is None for o in self.objects)
-
 
 def sample_scene(rng: random.Random, cfg: SyntheticTaskConfig) -> Scene:
     n = rng.randint(cfg.min_objects, cfg.max_objects)

@@ -66,10 +66,6 @@ class OFADecoder(PositionBiasMixin, FairseqIncrementalDecoder):
         self._future_mask = torch.empty(0)
 
     # ----------------------------------------------------------------- pieces MuE reuses
-    def target_positions(self, tgt_len: int, device) -> Tensor:
-        """Normalised absolute position embeddings (tgt_len x C) of target positions 0..tgt_len-1."""
-        return self.pos_ln(self.embed_positions(torch.arange(tgt_len, device=device)))
-
     def self_position_bias(self, tgt_pos: Tensor, query_from: int = 0) -> Tensor:
         """(1 x H x Tq x T) absolute self-attention bias for query positions query_from..T-1.
 
