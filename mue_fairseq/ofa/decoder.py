@@ -129,18 +129,11 @@ class OFADecoder(PositionBiasMixin, FairseqIncrementalDecoder):
         src_lengths: Optional[Any] = None,
         return_all_hiddens: bool = False,
     ) -> Tuple[Tensor, Dict[str, List[Optional[Tensor]]]]:
-        x, extra = self.extract_features(
-            prev_output_tokens,
-            code_masks=code_masks,
-            encoder_out=encoder_out,
-            incremental_state=incremental_state,
-            full_context_alignment=full_context_alignment,
-            alignment_layer=alignment_layer,
-            alignment_heads=alignment_heads,
+        features, extra = self.extract_features(
+            prev_output_tokens, code_masks, encoder_out, incremental_state,
+            full_context_alignment, alignment_layer, alignment_heads,
         )
-        if not features_only:
-            x = self.output_layer(x)
-        return x, extra
+        return (features if features_only else self.output_layer(features)), extra
 
     def extract_features(
         self,

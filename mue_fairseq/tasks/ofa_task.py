@@ -152,15 +152,12 @@ class OFATask(FairseqTask):
     def get_batch_iterator(
         self,
         dataset,
+        *,
         max_sentences=None,
-        seed=1,
-        num_shards=1,
-        shard_id=0,
-        num_workers=0,
         epoch=1,
-        data_buffer_size=0,
-        skip_remainder_batch=False,
-        grouped_shuffling=False,
+        num_shards=1, shard_id=0,
+        num_workers=0, data_buffer_size=0,
+        seed=1, grouped_shuffling=False, skip_remainder_batch=False,
         **size_options,
     ):
         """Batches of ``--batch-size`` consecutive rows that cover every row, as OFA batches.
@@ -178,17 +175,11 @@ class OFATask(FairseqTask):
         batches = contiguous_batches(len(dataset), max_sentences)
         training = getattr(dataset, "split", None) == "train"
         return iterators.EpochBatchIterator(
-            dataset=dataset,
-            collate_fn=dataset.collater,
-            batch_sampler=batches,
-            seed=seed,
-            num_shards=num_shards,
-            shard_id=shard_id,
-            num_workers=num_workers,
-            epoch=epoch,
-            buffer_size=data_buffer_size,
-            skip_remainder_batch=skip_remainder_batch and training,
-            grouped_shuffling=grouped_shuffling,
+            dataset=dataset, collate_fn=dataset.collater, batch_sampler=batches, epoch=epoch,
+            num_shards=num_shards, shard_id=shard_id,
+            num_workers=num_workers, buffer_size=data_buffer_size,
+            seed=seed, grouped_shuffling=grouped_shuffling,
+            skip_remainder_batch=skip_remainder_batch and training,  # validation keeps its last batch
         )
 
     # ------------------------------------------------------------ model
@@ -328,6 +319,7 @@ class OFATask(FairseqTask):
 
     @property
     def source_dictionary(self):
+        """OFA's dictionary (text BPE, image codes, location bins); the target's is an equal copy."""
         return self.src_dict
 
     @property
