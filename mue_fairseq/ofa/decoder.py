@@ -181,12 +181,9 @@ class OFADecoder(PositionBiasMixin, FairseqIncrementalDecoder):
                 cross_attn_bias=cross_bias,
             )
             inner_states.append(x)
-            if layer_attn is not None and idx == alignment_layer:
-                attn = layer_attn.float().to(x)
-        if attn is not None:
-            if alignment_heads is not None:
-                attn = attn[:alignment_heads]
-            attn = attn.mean(dim=0)
+            if idx == alignment_layer and layer_attn is not None:
+                # the alignment: this layer's cross-attention averaged over its first heads (all by default)
+                attn = layer_attn.float().to(x)[:alignment_heads].mean(dim=0)
         if self.layer_norm is not None:
             x = self.layer_norm(x)
         return x.transpose(0, 1), {"attn": [attn], "inner_states": inner_states}
