@@ -4,7 +4,7 @@
 
 1. Models: the quickstart's (same work dir layout, same training command), trained here unless
    `--work-dir` already holds them: a 6+6-layer OFA-architecture model per task, fine-tuned with
-   the layer-wise loss on the synthetic task (`data_utils/synthetic_task.py`).
+   the layer-wise loss on the synthetic task (`data_utils/synthetic/`).
 2. Policies, each with its knob swept, on one loaded model per task (options changed in place):
    full depth; static depth k/N for every stream and token (the smaller-model baseline); entropy
    (DeeBERT), patience (PABEE) and softmax confidence (CALM) on decoder tokens with the encoder at
@@ -45,6 +45,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from markdown_section import update_section  # noqa: E402  (benchmarks/, beside this script)
+from mue_fairseq.exits.selection import pareto_front  # noqa: E402
 
 logger = logging.getLogger("bench_exit_policies")
 
@@ -198,7 +199,7 @@ def sweep_task(task: str, work: Path, data_dir: Path, bpe_dir: str, args) -> Lis
     snli_mode = "score"
     meta = None
     if task == "snli_ve":  # per-difficulty accuracy, from the generator's meta records of the test rows
-        from data_utils.synthetic_task import load_meta
+        from mue_fairseq.metrics.synthetic_content import load_meta
 
         meta_file = test_file.with_suffix(".meta.jsonl")
         meta = load_meta(str(meta_file)) if meta_file.exists() else None
@@ -232,11 +233,7 @@ def sweep_task(task: str, work: Path, data_dir: Path, bpe_dir: str, args) -> Lis
 
 def pareto(rows: Sequence[Dict]) -> List[Dict]:
     """Rows no other row beats on both measured speed-up and quality, slowest first."""
-    ordered = sorted(rows, key=lambda r: (-r["measured_speedup"], -r["quality"]))
-    front = []
-    for row in ordered:
-        if not front or row["quality"] > front[-1]["quality"]:
-            front.append(row)
+    front = pareto_front(rows, cost=lambda r: -r["measured_speedup"], quality=lambda r: r["quality"])
     return sorted(front, key=lambda r: r["measured_speedup"])
 
 
@@ -512,7 +509,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
             for run in runs)
         return report(rows, setting, Path(args.out_dir), args.markdown)
 
-    from data_utils.synthetic_task import build_synthetic_task
+    from data_utils.synthetic import build_synthetic_task
     from mue_fairseq.cli import quickstart
     from mue_fairseq.data.ofa_bpe import check_bpe_dir
 

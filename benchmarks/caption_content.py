@@ -23,7 +23,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from bench_exit_policies import evaluate_point, static_depth_options  # noqa: E402
-from data_utils.synthetic_task import caption_content_accuracy, load_meta  # noqa: E402
+from mue_fairseq.metrics.synthetic_content import caption_content_accuracy, load_meta  # noqa: E402
 from mue_fairseq.cli import quickstart  # noqa: E402
 
 logger = logging.getLogger("caption_content")

@@ -84,9 +84,9 @@ def word_losses(model, task, valid_file: Path, rows: int = 320) -> Dict[str, Dic
     """Teacher-forced loss and accuracy of the reference caption's words, by kind (colour, shape,
     size, other): does the decoder read the picture, or only the caption language? With no
     picture, a shape word costs ln 5 = 1.61 nats (5 shapes, uniform) and 20% accuracy."""
-    from data_utils.synthetic_task import COLORS, HOLLOW, SHAPES, SIZES
+    from mue_fairseq.metrics.synthetic_content import COLOR_WORDS, HOLLOW, SHAPES, SIZES
 
-    kinds = {**{w: "colour" for w in list(COLORS) + [HOLLOW]}, **{w: "shape" for w in SHAPES},
+    kinds = {**{w: "colour" for w in list(COLOR_WORDS) + [HOLLOW]}, **{w: "shape" for w in SHAPES},
              **{w: "size" for w in SIZES}}
     # Evaluation rows hold every reference joined by "&&"; score the first one alone.
     with tempfile.TemporaryDirectory() as scratch:

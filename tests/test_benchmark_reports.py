@@ -128,7 +128,7 @@ def test_accuracy_by_difficulty_reads_the_generators_meta_records(bench):
 
 
 def test_caption_content_check_names_wrong_colours_and_shapes():
-    from data_utils.synthetic_task import caption_content_accuracy, named_objects
+    from mue_fairseq.metrics.synthetic_content import caption_content_accuracy, named_objects
 
     meta = {7: {"objects": ["large purple star r0c1"]},
             8: {"objects": ["small hollow triangle r1c0", "large red circle r0c2"]}}

@@ -16,14 +16,11 @@ from PIL import Image
 from data_utils.conversion import BadRowError
 from data_utils.convert_coco import cli_main as coco_cli, convert_coco
 from data_utils.convert_snli_ve import convert_snli_ve
-from data_utils.synthetic_task import (
-    COLORS,
-    HIDDEN_PROPERTIES,
-    SyntheticTaskConfig,
-    build_synthetic_task,
-    cli_main as synthetic_cli,
-    load_meta,
-)
+from data_utils.synthetic import SyntheticTaskConfig, build_synthetic_task
+from data_utils.synthetic.language import HIDDEN_PROPERTIES
+from data_utils.synthetic.scene import COLORS
+from data_utils.synthetic_task import cli_main as synthetic_cli
+from mue_fairseq.metrics.synthetic_content import load_meta
 from ofa_fixtures import BPE_DIR, require_file
 
 

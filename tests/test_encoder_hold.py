@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from data_utils.synthetic_task import SyntheticTaskConfig, build_synthetic_task
+from data_utils.synthetic import SyntheticTaskConfig, build_synthetic_task
 from mue_fairseq.ofa.model import OFAModel
 
 from tiny_models import TinyTask, tiny_args, tiny_dictionary

@@ -44,7 +44,7 @@ def fixture_checkpoint(task: str) -> Path:
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
     """The built-in task: 8 caption and 8 SNLI-VE training rows, 2 / 4 validation rows."""
-    from data_utils.synthetic_task import build_synthetic_task
+    from data_utils.synthetic import build_synthetic_task
 
     directory = tmp_path_factory.mktemp("ofa_scripts_data")
     build_synthetic_task(str(directory), seed=5, num_train=4, num_valid=2, num_test=1)

@@ -102,3 +102,10 @@ def test_declared_bounds_admit_the_tested_versions():
         assert name in pins, f"{req.name} is declared but constraints.txt pins no tested version of it"
         assert req.specifier.contains(pins[name], prereleases=True), \
             f"pyproject.toml's {req} excludes the tested {req.name} {pins[name]} of constraints.txt"
+
+
+def test_the_plugin_does_not_depend_on_data_utils():
+    """mue_fairseq/ reads the synthetic task's words and metric from its own metrics; only the
+    quickstart, which writes the task before training on it, calls the generator in data_utils/."""
+    importers = imported_modules([REPO / "mue_fairseq"]).get("data_utils", set())
+    assert importers == {"mue_fairseq/cli/quickstart.py"}

@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from data_utils.synthetic_task import SyntheticTaskConfig, build_synthetic_task, load_meta
+from data_utils.synthetic import SyntheticTaskConfig, build_synthetic_task
+from mue_fairseq.metrics.synthetic_content import load_meta
 from mue_fairseq.cli.pretrain_backbone import CELL_CLASSES, build_parser, cell_targets, load_scenes, pretrain
 from mue_fairseq.ofa.checkpoint import load_ofa_ensemble
 from mue_fairseq.ofa.model import OFAModel

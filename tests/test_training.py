@@ -68,7 +68,7 @@ def fixture_options(checkpoint: Path) -> List[str]:
 
 
 def synthetic_data(directory: Path, num_train: int, task: str = "snli_ve") -> Dict[str, Path]:
-    from data_utils.synthetic_task import build_synthetic_task
+    from data_utils.synthetic import build_synthetic_task
 
     paths = build_synthetic_task(str(directory), seed=5, num_train=num_train, num_valid=2, num_test=1)
     return {split: Path(paths[f"{task}_{split}"]) for split in ("train", "valid")}

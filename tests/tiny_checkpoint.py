@@ -54,7 +54,7 @@ def tiny_checkpoint(task: str, tmp_path_factory) -> TinyCheckpoint:
     from fairseq.distributed import utils as distributed_utils
     from fairseq_cli import train
 
-    from data_utils.synthetic_task import build_synthetic_task
+    from data_utils.synthetic import build_synthetic_task
 
     root = tmp_path_factory.mktemp(f"tiny_{task}")
     data_dir = root / "data"

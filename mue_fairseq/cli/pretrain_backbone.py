@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data_utils.synthetic_task import COLORS, GRID, HOLLOW, SHAPES, SIZES, load_meta
+from mue_fairseq.metrics.synthetic_content import COLOR_WORDS, GRID, HOLLOW, SHAPES, SIZES, load_meta
 from mue_fairseq.data.image_transform import (
     OFA_DEFAULT_MEAN, OFA_DEFAULT_STD, PatchImageTransform, decode_base64_image,
 )
@@ -38,7 +38,7 @@ logger = logging.getLogger("mue_fairseq.pretrain_backbone")
 
 # One class per (size, colour, shape) an object can have, plus 0 for an empty cell.
 CELL_CLASSES = ["empty"] + [
-    f"{size} {colour} {shape}" for size in SIZES for colour in sorted(COLORS) + [HOLLOW] for shape in SHAPES
+    f"{size} {colour} {shape}" for size in SIZES for colour in sorted(COLOR_WORDS) + [HOLLOW] for shape in SHAPES
 ]
 _CLASS_INDEX = {name: i for i, name in enumerate(CELL_CLASSES)}
 

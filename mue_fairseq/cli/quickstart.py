@@ -151,7 +151,7 @@ def full_depth() -> Dict:
 def row(name: str, task: str, result, stats, base_seconds: float, content_meta: Optional[Dict] = None) -> Dict:
     """One line of the table; for captions, `content_meta` (the generator's scene records) adds the
     share of captions naming exactly the right coloured shapes, which CIDEr-D does not show here."""
-    from data_utils.synthetic_task import caption_content_accuracy
+    from mue_fairseq.metrics.synthetic_content import caption_content_accuracy
 
     summary = stats.summary()
     flops = summary.get("time_reduction_flops") or {}
@@ -213,7 +213,7 @@ def run_task(task: str, work: Path, data_dir: Path, bpe_dir: str, updates: int, 
     rows = []
     content_meta = None
     if task == "caption":
-        from data_utils.synthetic_task import load_meta
+        from mue_fairseq.metrics.synthetic_content import load_meta
 
         content_meta = load_meta(str(test_file.with_suffix(".meta.jsonl")))
     full_result, full_stats = evaluate(models, task_obj, cfg, full_depth(), "test", test_file)
@@ -249,7 +249,7 @@ def main(argv=None):
                         "learns to read the picture before the encoder can wash it out; 0 = off")
     args = parser.parse_args(argv)
 
-    from data_utils.synthetic_task import build_synthetic_task
+    from data_utils.synthetic import build_synthetic_task
     from mue_fairseq.data.ofa_bpe import check_bpe_dir
 
     check_bpe_dir(args.bpe_dir)

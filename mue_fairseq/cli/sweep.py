@@ -29,18 +29,17 @@ import logging
 import math
 import shlex
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
 import torch
 
-logger = logging.getLogger("mue_fairseq.sweep")
+from mue_fairseq.exits.selection import (
+    FULL_DEPTH, STREAMS, THRESHOLD_OPTIONS, SweepPoint, Thresholds, calibrate, meets_target, pareto_front,
+    select_fastest,
+)
 
-STREAMS = ("image", "text", "decoder")
-THRESHOLD_OPTIONS = tuple(f"mue_{stream}_threshold" for stream in STREAMS)
-FULL_DEPTH = (1.0, 1.0, 1.0)
-Thresholds = Tuple[float, float, float]
+logger = logging.getLogger("mue_fairseq.sweep")
 
 CSV_COLUMNS = (
     "image_threshold", "text_threshold", "decoder_threshold", "full_depth", "metric", "quality",
@@ -56,73 +55,6 @@ SWEEP_OPTIONS = {
     "--time-tolerance": True, "--target": True, "--calibrate": False,
     "--mue-image-threshold": True, "--mue-text-threshold": True, "--mue-decoder-threshold": True,
 }
-
-
-@dataclass
-class SweepPoint:
-    """One evaluated threshold setting."""
-
-    thresholds: Thresholds
-    metric: str
-    quality: float
-    num_samples: int
-    mean_exit_layers: Dict[str, Optional[float]]
-    expected_reduction_layers: Optional[float]
-    expected_reduction_flops: Optional[float]
-    ideal_speedup_flops: Optional[float]
-    seconds: float
-    scores: Dict[str, float] = field(default_factory=dict)
-
-    @property
-    def is_full_depth(self) -> bool:
-        return all(value >= 1.0 for value in self.thresholds)
-
-    @property
-    def expected_time(self) -> float:
-        """Expected time as a fraction of full depth: by FLOPs when known, else by layer count."""
-        reduction = self.expected_reduction_flops
-        if reduction is None:
-            reduction = self.expected_reduction_layers
-        return 1.0 - (reduction or 0.0)
-
-    def as_options(self) -> Dict[str, float]:
-        return dict(zip(THRESHOLD_OPTIONS, self.thresholds))
-
-    def describe(self) -> str:
-        return "img {:g} txt {:g} dec {:g}".format(*self.thresholds)
-
-
-# ----------------------------------------------------------------------------- selection
-def meets_target(point: SweepPoint, reference: SweepPoint, target: float) -> bool:
-    """Quality at least `target` x the full-depth quality."""
-    return point.quality >= target * reference.quality
-
-
-def select_fastest(points: Sequence[SweepPoint], time_tolerance: float = 0.0) -> SweepPoint:
-    """The point with the least measured time; points within `time_tolerance` (relative) of it
-    count as tied and the one with the least expected time among them wins."""
-    if not points:
-        raise ValueError("no point to select from")
-    fastest = min(point.seconds for point in points)
-    tied = [point for point in points if point.seconds <= fastest * (1.0 + time_tolerance)]
-    return min(tied, key=lambda point: (point.expected_time, point.seconds))
-
-
-def calibrate(points: Sequence[SweepPoint], reference: SweepPoint, target: float,
-              time_tolerance: float = 0.0) -> SweepPoint:
-    """The fastest point that keeps `target` x the reference's quality (the reference always does)."""
-    feasible = [point for point in points if meets_target(point, reference, target)]
-    return select_fastest(feasible or [reference], time_tolerance)
-
-
-def pareto_front(points: Sequence[SweepPoint], time: Callable[[SweepPoint], float]) -> List[SweepPoint]:
-    """Points no other point beats on both time (lower) and quality (higher), fastest first."""
-    ordered = sorted(points, key=lambda point: (time(point), -point.quality))
-    front: List[SweepPoint] = []
-    for point in ordered:
-        if not front or point.quality > front[-1].quality:
-            front.append(point)
-    return front
 
 
 # ----------------------------------------------------------------------------- evaluation

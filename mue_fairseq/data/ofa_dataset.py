@@ -13,7 +13,7 @@ from typing import Any, Dict, List, Sequence
 
 import numpy as np
 import torch
-from fairseq.data import Dictionary, FairseqDataset, data_utils
+from fairseq.data import Dictionary, FairseqDataset
 
 from mue_fairseq.data.image_transform import PatchImageTransform, decode_base64_image
 from mue_fairseq.data.ofa_bpe import encode_text
@@ -40,55 +40,57 @@ def pre_caption(caption: str, max_words: int) -> str:
     return caption
 
 
+def pad_right(rows: Sequence[torch.Tensor], fill) -> torch.Tensor:
+    """Stack 1-D (or L_i x ...) tensors into B x max(L_i) x ..., filling the tail of shorter rows."""
+    longest = max(row.size(0) for row in rows)
+    out = rows[0].new_full((len(rows), longest) + tuple(rows[0].shape[1:]), fill)
+    for slot, row in zip(out, rows):
+        slot[: row.size(0)] = row
+    return out
+
+
 def collate_bool_masks(masks: Sequence[torch.Tensor]) -> torch.Tensor:
     """Stack L_i x V bool masks into B x max(L) x V; padded rows are all True.
 
     OFA pads constraint masks with the pad index (1, i.e. True), so a padded
     position allows every token and masking it is a no-op.
     """
-    length = max(mask.size(0) for mask in masks)
-    out = masks[0].new_ones(len(masks), length, masks[0].size(1))
-    for i, mask in enumerate(masks):
-        out[i, : mask.size(0)] = mask
-    return out
+    return pad_right(masks, True)
+
+
+def _non_pad_counts(tokens: torch.Tensor, pad_idx: int) -> torch.Tensor:
+    return tokens.ne(pad_idx).sum(dim=1)
 
 
 def collate_ofa_samples(samples: List[Dict[str, Any]], pad_idx: int, eos_idx: int) -> Dict[str, Any]:
-    """OFA's batch of ``samples`` (an empty dict for no samples, as fairseq expects)."""
-    if len(samples) == 0:
+    """OFA's batch of ``samples`` (an empty dict for no samples, as fairseq expects).
+
+    ``eos_idx`` is accepted for the callers' symmetry with fairseq's collaters; right padding
+    never moves eos.
+    """
+    if not samples:
         return {}
+    first = samples[0]
 
-    def merge(key: str) -> torch.Tensor:
-        return data_utils.collate_tokens([s[key] for s in samples], pad_idx, eos_idx=eos_idx)
+    def column(key: str) -> List[Any]:
+        return [sample[key] for sample in samples]
 
-    src_tokens = merge("source")
-    src_lengths = torch.LongTensor([s["source"].ne(pad_idx).long().sum() for s in samples])
-    patch_images = torch.stack([s["patch_image"] for s in samples], dim=0)
-    patch_masks = torch.cat([s["patch_mask"] for s in samples])
+    net_input: Dict[str, Any] = {"src_tokens": pad_right(column("source"), pad_idx)}
+    net_input["src_lengths"] = _non_pad_counts(net_input["src_tokens"], pad_idx)
+    net_input["patch_images"] = torch.stack(column("patch_image"))
+    net_input["patch_masks"] = torch.cat(column("patch_mask"))
+    has_target = first.get("target") is not None
+    teacher_forced = has_target and first.get("prev_output_tokens") is not None
+    net_input["prev_output_tokens"] = pad_right(column("prev_output_tokens"), pad_idx) if teacher_forced else None
 
-    target = None
-    prev_output_tokens = None
-    if samples[0].get("target") is not None:
-        target = merge("target")
-        ntokens = sum(int(s["target"].ne(pad_idx).long().sum()) for s in samples)
-        if samples[0].get("prev_output_tokens") is not None:
-            prev_output_tokens = merge("prev_output_tokens")
-    else:
-        ntokens = int(src_lengths.sum())
-
-    return {
-        "id": np.array([s["id"] for s in samples]),
-        "nsentences": len(samples),
-        "ntokens": ntokens,
-        "net_input": {
-            "src_tokens": src_tokens,
-            "src_lengths": src_lengths,
-            "patch_images": patch_images,
-            "patch_masks": patch_masks,
-            "prev_output_tokens": prev_output_tokens,
-        },
-        "target": target,
-    }
+    target = pad_right(column("target"), pad_idx) if has_target else None
+    # fairseq normalises the loss by target tokens; without targets, by source tokens
+    counted = target if has_target else net_input["src_tokens"]
+    batch: Dict[str, Any] = {"id": np.array(column("id")), "nsentences": len(samples)}
+    batch["ntokens"] = int(_non_pad_counts(counted, pad_idx).sum())
+    batch["net_input"] = net_input
+    batch["target"] = target
+    return batch
 
 
 class OFADataset(FairseqDataset):
@@ -117,16 +119,11 @@ class OFADataset(FairseqDataset):
                 f"({', '.join(self.columns)}) but --selected-cols gives "
                 f"{len(dataset.selected_cols)} ({dataset.selected_cols}) for {dataset.path}"
             )
-        self.split = split
-        self.dataset = dataset
-        self.bpe = bpe
-        self.src_dict = src_dict
-        self.tgt_dict = tgt_dict
-        self.bos = src_dict.bos()
-        self.eos = src_dict.eos()
-        self.pad = src_dict.pad()
-        self.bos_item = torch.LongTensor([self.bos])
-        self.eos_item = torch.LongTensor([self.eos])
+        self.split, self.dataset, self.bpe = split, dataset, bpe
+        self.src_dict, self.tgt_dict = src_dict, tgt_dict
+        # special symbols come from the source dictionary (OFA's two dictionaries are one)
+        self.bos, self.eos, self.pad = src_dict.bos(), src_dict.eos(), src_dict.pad()
+        self.bos_item, self.eos_item = (torch.tensor([index]) for index in (self.bos, self.eos))
         self.patch_transform = PatchImageTransform.for_task(
             patch_image_size, imagenet_default_mean_and_std
         )

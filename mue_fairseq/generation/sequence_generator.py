@@ -93,13 +93,8 @@ class OFASequenceGenerator(SequenceGenerator):
             self.repeat_ngram_blocker = RepeatedNGramBlocker(self.repeat_ngram_blocker.no_repeat_ngram_size)
         self.constraint_trie = constraint_trie
 
-    def _generate(
-        self,
-        sample: Dict[str, Dict[str, Tensor]],
-        prefix_tokens: Optional[Tensor] = None,
-        constraints: Optional[Tensor] = None,
-        bos_token: Optional[int] = None,
-    ):
+    def _generate(self, sample: Dict[str, Dict[str, Tensor]], prefix_tokens: Optional[Tensor] = None,
+                  constraints: Optional[Tensor] = None, bos_token: Optional[int] = None):
         self.model.prefix_tokens = prefix_tokens
         for model in self.model.models:
             if getattr(model.decoder, "supports_exits", False):

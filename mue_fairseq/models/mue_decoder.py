@@ -137,138 +137,151 @@ class MuEDecoder(OFADecoder):
 
     def _decode_step(self, tokens: Tensor, encoder_out: EncoderOut, incremental_state: IncrementalState):
         """One incremental step with per-row exits; returns ((R x 1 x C) features, extra)."""
-        cfg = self.mue
-        rows_total, tgt_len = tokens.shape
-        step = tgt_len - 1
-        device = tokens.device
-        enc = encoder_out["encoder_out"][0]
-        enc_padding = encoder_out["encoder_padding_mask"][0] if encoder_out["encoder_padding_mask"] else None
-        raw_positions = self.embed_positions(torch.arange(tgt_len, device=device))
-        tgt_pos = self.pos_ln(raw_positions)
-        self_bias = self.self_position_bias(tgt_pos, step)  # 1 x H x 1 x T
-        cross_bias = self.cross_position_bias(tgt_pos, encoder_out, incremental_state, step)  # R x H x 1 x S
-        x = self.embed_target(tokens[:, -1:], raw_positions[-1:]).transpose(0, 1)  # 1 x R x C
-
-        decider = TokenExitDecider(cfg, self.num_layers, self.predict)
-        may_exit = decider.begin_step(rows_total, step, self.num_decoding_steps, device)
-        recompute = cfg.kv_policy == "recompute"
-        exit_layers = torch.full((rows_total,), self.num_layers, dtype=torch.long, device=device)
-        exited = torch.zeros(rows_total, dtype=torch.bool, device=device)
-        final: Optional[Tensor] = None  # 1 x R x C, allocated at the first exit
-        computing = torch.arange(rows_total, device=device)  # rows that run the next layer, sorted
-        stopped = computing[:0]  # rows that left the computation at this step, with:
-        stopped_states = x[:, :0]  # their exit states (propagate)
-        stopped_kv = (x.new_zeros(0), x.new_zeros(0))  # their exit layer's key/value (copy)
-        defer = self.defer_skipped_kv and cfg.kv_policy == "propagate" and cfg.decoder_exits_enabled()
+        step = _Step(self, tokens, encoder_out, incremental_state)
+        x = self.embed_target(tokens[:, -1:], step.raw_positions[-1:]).transpose(0, 1)  # 1 x R x C
+        decider = TokenExitDecider(self.mue, self.num_layers, self.predict)
+        may_exit = decider.begin_step(step.rows_total, step.index, self.num_decoding_steps, tokens.device)
+        rows = _StepRows(x, self.num_layers)
+        recompute = self.mue.kv_policy == "recompute"
+        defer = self.defer_skipped_kv and self.mue.kv_policy == "propagate" and self.mue.decoder_exits_enabled()
         history = self.get_incremental_state(incremental_state, "exit_states") if defer else None
         h = x
         for idx, layer in enumerate(self.layers):
-            sa = layer.self_attn
             if defer:
-                if computing.numel() == 0:
+                if rows.computing.numel() == 0:
                     break  # every row stopped: the deeper layers' entries wait in the history
                 if history is not None:
-                    self._settle_layer(layer, incremental_state, history, step)
+                    self._settle_layer(layer, incremental_state, history, step.index)
             normed = k_new = v_new = None
-            if computing.numel():
+            if rows.computing.numel():
                 normed = layer.self_attn_layer_norm(h) if layer.normalize_before else h
-                k_new, v_new = sa.project_key_value(normed)  # A x H x 1 x d
-            column = self._cache_column(layer, rows_total, computing, k_new, v_new, stopped, stopped_states, stopped_kv)
-            buffer = sa._get_input_buffer(incremental_state)
-            if column is not None:
-                self._append_to_cache(sa, incremental_state, buffer, *column)
-            if computing.numel() == 0:
-                continue
-            all_rows = computing.numel() == rows_total
-            cache_k, cache_v = buffer["prev_key"], buffer["prev_value"]
-            cache_pad = buffer.get("prev_key_padding_mask")
-            if not all_rows:
-                cache_k, cache_v = cache_k.index_select(0, computing), cache_v.index_select(0, computing)
-                cache_pad = cache_pad.index_select(0, computing) if cache_pad is not None else None
-            q = sa.split_heads(sa.q_proj(normed) * sa.scaling)
-            self_bias_layer = self_bias + self.token_relative_bias(tgt_len, idx)[:, step:].unsqueeze(0)
-            state, _ = layer._residual_block(
-                h, layer.self_attn_layer_norm, layer.self_attn_ln,
-                lambda _: sa.attend(q, cache_k.flatten(0, 1), cache_v.flatten(0, 1),
-                                    key_padding_mask=cache_pad, attn_bias=self_bias_layer),
-            )
-            cross = self._cross_kv(layer, enc, incremental_state)
-            cross_k, cross_v, cross_pad, cross_bias_rows = cross["prev_key"], cross["prev_value"], enc_padding, cross_bias
-            if not all_rows:
-                cross_k, cross_v = cross_k.index_select(0, computing), cross_v.index_select(0, computing)
-                cross_pad = cross_pad.index_select(0, computing) if cross_pad is not None else None
-                cross_bias_rows = cross_bias.index_select(0, computing)
-            ea = layer.encoder_attn
-            state, _ = layer._residual_block(
-                state, layer.encoder_attn_layer_norm, layer.cross_attn_ln,
-                lambda q_in: ea.attend(ea.split_heads(ea.q_proj(q_in) * ea.scaling), cross_k.flatten(0, 1),
-                                       cross_v.flatten(0, 1), key_padding_mask=cross_pad, attn_bias=cross_bias_rows),
-            )
-            state = layer.feed_forward(state)
-
+                k_new, v_new = layer.self_attn.project_key_value(normed)  # A x H x 1 x d
+            cache = self._extend_self_cache(layer, incremental_state, rows, k_new, v_new)
+            if rows.computing.numel() == 0:
+                continue  # no row runs this layer; its cache entry is in, the deeper layers' follow
+            state = self._run_layer(step, idx, layer, h, normed, cache, rows.computing)
             if may_exit and idx < self.num_layers - 1:
-                # With recompute every row keeps computing; only rows still predicting decide.
-                live = (~exited).nonzero().squeeze(1) if recompute else None
-                candidates = state if live is None else state.index_select(1, live)
-                previous = h if live is None else h.index_select(1, live)
-                rows = computing if live is None else live
-                done = decider(idx, candidates[0], previous[0], rows) if rows.numel() else None
-                if done is not None and bool(done.any()):
-                    leaving = done.nonzero().squeeze(1)
-                    leaving_rows = rows[leaving]
-                    if final is None:
-                        final = x.new_zeros(1, rows_total, x.size(2))
-                    final[:, leaving_rows] = candidates.index_select(1, leaving)
-                    exit_layers[leaving_rows] = idx + 1
-                    exited[leaving_rows] = True
-                    if not recompute:
-                        staying = (~done).nonzero().squeeze(1)
-                        stopped = torch.cat([stopped, leaving_rows])
-                        stopped_states = torch.cat([stopped_states, state.index_select(1, leaving)], dim=1)
-                        stopped_kv = (torch.cat([stopped_kv[0], k_new[leaving]]), torch.cat([stopped_kv[1], v_new[leaving]]))
-                        computing, state = computing[staying], state.index_select(1, staying)
+                if recompute:
+                    self._exit_and_keep_computing(decider, idx, rows, h, state)
+                else:
+                    state = self._exit_and_stop(decider, idx, rows, h, state, k_new, v_new)
             h = state
-        if final is None:
-            final = h
-        elif recompute:
-            final[:, ~exited] = h[:, ~exited]
-        elif computing.numel():
-            final[:, computing] = h
-        self._record_exits(incremental_state, exit_layers)
+        final = rows.final_states(h, recompute)
+        self._record_exits(incremental_state, rows.exit_layers)
         if defer:
             column = final.transpose(0, 1)  # R x 1 x C
             history = column if history is None else torch.cat([history, column], dim=1)
             self.set_incremental_state(incremental_state, "exit_states", history)
         if self.layer_norm is not None:
             final = self.layer_norm(final)
-        return final.transpose(0, 1), {"attn": [None], "inner_states": [x], "exit_layers": [exit_layers]}
+        return final.transpose(0, 1), {"attn": [None], "inner_states": [x], "exit_layers": [rows.exit_layers]}
 
-    def _cache_column(self, layer, rows_total, computing, k_new, v_new, stopped, stopped_states, stopped_kv):
+    def _run_layer(self, step: "_Step", idx: int, layer, h: Tensor, normed: Tensor, cache: Dict[str, Tensor],
+                   computing: Tensor) -> Tensor:
+        """Layer `idx` on the rows still computing (h: 1 x A x C): self-attention over their cache,
+        cross-attention over their encoder output, feed-forward."""
+        subset = computing.numel() < step.rows_total
+        sa = layer.self_attn
+        cache_k, cache_v = cache["prev_key"], cache["prev_value"]
+        cache_pad = cache.get("prev_key_padding_mask")
+        if subset:
+            cache_k, cache_v = cache_k.index_select(0, computing), cache_v.index_select(0, computing)
+            cache_pad = cache_pad.index_select(0, computing) if cache_pad is not None else None
+        q = sa.split_heads(sa.q_proj(normed) * sa.scaling)
+        self_bias = step.self_bias + self.token_relative_bias(step.tgt_len, idx)[:, step.index:].unsqueeze(0)
+        state, _ = layer._residual_block(
+            h, layer.self_attn_layer_norm, layer.self_attn_ln,
+            lambda _: sa.attend(q, cache_k.flatten(0, 1), cache_v.flatten(0, 1),
+                                key_padding_mask=cache_pad, attn_bias=self_bias),
+        )
+        cross = self._cross_kv(layer, step.enc, step.incremental_state)
+        cross_k, cross_v = cross["prev_key"], cross["prev_value"]
+        cross_pad, cross_bias = step.enc_padding, step.cross_bias
+        if subset:
+            cross_k, cross_v = cross_k.index_select(0, computing), cross_v.index_select(0, computing)
+            cross_pad = cross_pad.index_select(0, computing) if cross_pad is not None else None
+            cross_bias = cross_bias.index_select(0, computing)
+        ea = layer.encoder_attn
+        state, _ = layer._residual_block(
+            state, layer.encoder_attn_layer_norm, layer.cross_attn_ln,
+            lambda q_in: ea.attend(ea.split_heads(ea.q_proj(q_in) * ea.scaling), cross_k.flatten(0, 1),
+                                   cross_v.flatten(0, 1), key_padding_mask=cross_pad, attn_bias=cross_bias),
+        )
+        return layer.feed_forward(state)
+
+    # ----------------------------------------------------------------- exits within a step
+    @staticmethod
+    def _exit_and_keep_computing(decider: TokenExitDecider, idx: int, rows: "_StepRows", h: Tensor,
+                                 state: Tensor) -> None:
+        """recompute: every row runs every layer (exact caches); only rows still predicting decide."""
+        live = (~rows.exited).nonzero().squeeze(1)
+        if live.numel() == 0:
+            return
+        candidates = state.index_select(1, live)
+        done = decider(idx, candidates[0], h.index_select(1, live)[0], live)
+        rows.take_exits(idx, live, done, candidates)
+
+    @staticmethod
+    def _exit_and_stop(decider: TokenExitDecider, idx: int, rows: "_StepRows", h: Tensor, state: Tensor,
+                       k_new: Tensor, v_new: Tensor) -> Tensor:
+        """propagate / copy / none: rows that exit leave the computation, keeping what their skipped
+        layers' caches will need; returns the states of the rows that go on."""
+        done = decider(idx, state[0], h[0], rows.computing)
+        leaving = rows.take_exits(idx, rows.computing, done, state)
+        if leaving is None:
+            return state
+        staying = (~done).nonzero().squeeze(1)
+        rows.stop(leaving, state, k_new, v_new)
+        rows.computing = rows.computing[staying]
+        return state.index_select(1, staying)
+
+    # ----------------------------------------------------------------- self-attention caches
+    def _extend_self_cache(self, layer, incremental_state: IncrementalState, rows: "_StepRows",
+                           k_new: Optional[Tensor], v_new: Optional[Tensor]) -> Dict[str, Tensor]:
+        """Append this step's entry of `layer`'s self-attention cache for every row; returns the cache."""
+        column = self._cache_column(layer, rows, k_new, v_new)
+        cache = layer.self_attn._get_input_buffer(incremental_state)
+        if column is not None:
+            self._append_to_cache(layer.self_attn, incremental_state, cache, *column)
+        return cache
+
+    def _cache_column(self, layer, rows: "_StepRows", k_new: Optional[Tensor], v_new: Optional[Tensor]):
         """This step's self-attention cache entry of `layer` for every row: (k, v, pad) or None.
 
         Rows still computing contribute their own key/value; rows that stopped earlier in the
         step contribute what the KV policy says.
         """
-        policy = self.mue.kv_policy
-        if stopped.numel() == 0:
+        if rows.stopped.numel() == 0:
             return k_new, v_new, None
+        policy = self.mue.kv_policy
         if policy == "none" and self.mue.mue_batch_joint_exit:
             return None  # the authors' code: skipped layers keep no entry (a hole)
-        shape = (rows_total,) + tuple(stopped_kv[0].shape[1:] if k_new is None else k_new.shape[1:])
-        column_k = stopped_states.new_zeros(shape)
+        shape = (rows.total,) + tuple(rows.stopped_kv[0].shape[1:] if k_new is None else k_new.shape[1:])
+        column_k = rows.stopped_states.new_zeros(shape)
         column_v = torch.zeros_like(column_k)
         if k_new is not None:
-            column_k[computing], column_v[computing] = k_new, v_new
-        column_pad = None
-        if policy == "propagate":
-            normed = layer.self_attn_layer_norm(stopped_states) if layer.normalize_before else stopped_states
-            column_k[stopped], column_v[stopped] = layer.self_attn.project_key_value(normed)
-        elif policy == "copy":
-            column_k[stopped], column_v[stopped] = stopped_kv
-        else:  # none, per row: a masked hole keeps every row's cache aligned with its positions
-            column_pad = torch.zeros(rows_total, 1, dtype=torch.bool, device=column_k.device)
-            column_pad[stopped] = True
+            column_k[rows.computing], column_v[rows.computing] = k_new, v_new
+        column_pad = _STOPPED_ROW_ENTRIES[policy](layer, rows, column_k, column_v)
         return column_k, column_v, column_pad
+
+    @staticmethod
+    def _propagated_entries(layer, rows: "_StepRows", column_k: Tensor, column_v: Tensor) -> None:
+        """propagate: the layer projects its own key/value from each stopped row's exit state."""
+        states = rows.stopped_states
+        normed = layer.self_attn_layer_norm(states) if layer.normalize_before else states
+        column_k[rows.stopped], column_v[rows.stopped] = layer.self_attn.project_key_value(normed)
+
+    @staticmethod
+    def _copied_entries(layer, rows: "_StepRows", column_k: Tensor, column_v: Tensor) -> None:
+        """copy: each stopped row repeats its exit layer's key/value."""
+        column_k[rows.stopped], column_v[rows.stopped] = rows.stopped_kv
+
+    @staticmethod
+    def _masked_entries(layer, rows: "_StepRows", column_k: Tensor, column_v: Tensor) -> Tensor:
+        """none, per row: a masked hole keeps every row's cache aligned with its positions."""
+        column_pad = torch.zeros(rows.total, 1, dtype=torch.bool, device=column_k.device)
+        column_pad[rows.stopped] = True
+        return column_pad
 
     @staticmethod
     def _settle_layer(layer, incremental_state: IncrementalState, history: Tensor, upto: int) -> None:
@@ -393,3 +406,81 @@ class MuEDecoder(OFADecoder):
         if self.layer_norm is not None:
             out = self.layer_norm(out)
         return out.transpose(0, 1), {"attn": [None], "inner_states": [x], "exit_layers": [exit_layers]}
+
+
+# What a stopped row's entry in a skipped layer's cache is, per KV policy (recompute stops no row);
+# each fills the stopped rows of the column and returns its padding mask (None: no hole).
+_STOPPED_ROW_ENTRIES = {
+    "propagate": MuEDecoder._propagated_entries,
+    "copy": MuEDecoder._copied_entries,
+    "none": MuEDecoder._masked_entries,
+}
+
+
+class _Step:
+    """What every layer of one incremental step reads: positions, position biases, encoder output."""
+
+    __slots__ = ("rows_total", "tgt_len", "index", "raw_positions", "self_bias", "cross_bias", "enc",
+                 "enc_padding", "incremental_state")
+
+    def __init__(self, decoder: MuEDecoder, tokens: Tensor, encoder_out: EncoderOut,
+                 incremental_state: IncrementalState):
+        self.rows_total, self.tgt_len = tokens.shape
+        self.index = self.tgt_len - 1
+        self.enc = encoder_out["encoder_out"][0]
+        self.enc_padding = encoder_out["encoder_padding_mask"][0] if encoder_out["encoder_padding_mask"] else None
+        self.raw_positions = decoder.embed_positions(torch.arange(self.tgt_len, device=tokens.device))
+        tgt_pos = decoder.pos_ln(self.raw_positions)
+        self.self_bias = decoder.self_position_bias(tgt_pos, self.index)  # 1 x H x 1 x T
+        # R x H x 1 x S
+        self.cross_bias = decoder.cross_position_bias(tgt_pos, encoder_out, incremental_state, self.index)
+        self.incremental_state = incremental_state
+
+
+class _StepRows:
+    """The rows of one step: those still running layers, those that stopped earlier in the step
+    (with their exit states and exit layer's key/value, what the KV policies need), and the exits."""
+
+    __slots__ = ("total", "computing", "stopped", "stopped_states", "stopped_kv", "exit_layers", "exited", "final")
+
+    def __init__(self, x: Tensor, num_layers: int):
+        self.total = x.size(1)
+        device = x.device
+        self.computing = torch.arange(self.total, device=device)  # sorted
+        self.stopped = self.computing[:0]
+        self.stopped_states = x[:, :0]
+        self.stopped_kv = (x.new_zeros(0), x.new_zeros(0))
+        self.exit_layers = torch.full((self.total,), num_layers, dtype=torch.long, device=device)
+        self.exited = torch.zeros(self.total, dtype=torch.bool, device=device)
+        self.final: Optional[Tensor] = None  # 1 x R x C, allocated at the first exit
+
+    def take_exits(self, idx: int, candidates: Tensor, done: Tensor, states: Tensor) -> Optional[Tensor]:
+        """Rows `candidates[done]` exit after layer `idx` with `states[:, done]`; returns the
+        positions of the leaving rows within `candidates` (None when none leaves)."""
+        if not bool(done.any()):
+            return None
+        leaving = done.nonzero().squeeze(1)
+        leaving_rows = candidates[leaving]
+        if self.final is None:
+            self.final = states.new_zeros(1, self.total, states.size(2))
+        self.final[:, leaving_rows] = states.index_select(1, leaving)
+        self.exit_layers[leaving_rows] = idx + 1
+        self.exited[leaving_rows] = True
+        return leaving
+
+    def stop(self, leaving: Tensor, states: Tensor, k_new: Tensor, v_new: Tensor) -> None:
+        """The computing rows at positions `leaving` stop running layers for the rest of the step."""
+        self.stopped = torch.cat([self.stopped, self.computing[leaving]])
+        self.stopped_states = torch.cat([self.stopped_states, states.index_select(1, leaving)], dim=1)
+        self.stopped_kv = (torch.cat([self.stopped_kv[0], k_new[leaving]]),
+                           torch.cat([self.stopped_kv[1], v_new[leaving]]))
+
+    def final_states(self, h: Tensor, recompute: bool) -> Tensor:
+        """1 x R x C: each row's state at its exit, or after the last layer where it did not exit."""
+        if self.final is None:
+            return h
+        if recompute:
+            self.final[:, ~self.exited] = h[:, ~self.exited]
+        elif self.computing.numel():
+            self.final[:, self.computing] = h
+        return self.final

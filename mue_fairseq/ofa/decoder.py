@@ -66,10 +66,6 @@ class OFADecoder(PositionBiasMixin, FairseqIncrementalDecoder):
         self._future_mask = torch.empty(0)
 
     # ----------------------------------------------------------------- pieces MuE reuses
-    def target_positions(self, tgt_len: int, device) -> Tensor:
-        """Normalised absolute position embeddings (tgt_len x C) of target positions 0..tgt_len-1."""
-        return self.pos_ln(self.embed_positions(torch.arange(tgt_len, device=device)))
-
     def self_position_bias(self, tgt_pos: Tensor, query_from: int = 0) -> Tensor:
         """(1 x H x Tq x T) absolute self-attention bias for query positions query_from..T-1.
 
@@ -133,18 +129,11 @@ class OFADecoder(PositionBiasMixin, FairseqIncrementalDecoder):
         src_lengths: Optional[Any] = None,
         return_all_hiddens: bool = False,
     ) -> Tuple[Tensor, Dict[str, List[Optional[Tensor]]]]:
-        x, extra = self.extract_features(
-            prev_output_tokens,
-            code_masks=code_masks,
-            encoder_out=encoder_out,
-            incremental_state=incremental_state,
-            full_context_alignment=full_context_alignment,
-            alignment_layer=alignment_layer,
-            alignment_heads=alignment_heads,
+        features, extra = self.extract_features(
+            prev_output_tokens, code_masks, encoder_out, incremental_state,
+            full_context_alignment, alignment_layer, alignment_heads,
         )
-        if not features_only:
-            x = self.output_layer(x)
-        return x, extra
+        return (features if features_only else self.output_layer(features)), extra
 
     def extract_features(
         self,
@@ -192,12 +181,9 @@ class OFADecoder(PositionBiasMixin, FairseqIncrementalDecoder):
                 cross_attn_bias=cross_bias,
             )
             inner_states.append(x)
-            if layer_attn is not None and idx == alignment_layer:
-                attn = layer_attn.float().to(x)
-        if attn is not None:
-            if alignment_heads is not None:
-                attn = attn[:alignment_heads]
-            attn = attn.mean(dim=0)
+            if idx == alignment_layer and layer_attn is not None:
+                # the alignment: this layer's cross-attention averaged over its first heads (all by default)
+                attn = layer_attn.float().to(x)[:alignment_heads].mean(dim=0)
         if self.layer_norm is not None:
             x = self.layer_norm(x)
         return x.transpose(0, 1), {"attn": [attn], "inner_states": inner_states}

@@ -204,24 +204,14 @@ class OFAModel(FairseqEncoderDecoderModel):
         if self.training:
             self.hold_encoder_layers()
         encoder_out = self.encoder(
-            src_tokens,
-            src_lengths=src_lengths,
-            patch_images=patch_images,
-            patch_images_2=patch_images_2,
-            patch_masks=patch_masks,
-            return_all_hiddens=return_all_hiddens,
-            token_embeddings=token_embeddings,
-            sample_patch_num=sample_patch_num,
+            src_tokens, src_lengths=src_lengths, token_embeddings=token_embeddings,
+            patch_images=patch_images, patch_images_2=patch_images_2, patch_masks=patch_masks,
+            sample_patch_num=sample_patch_num, return_all_hiddens=return_all_hiddens,
         )
         return self.decoder(
-            prev_output_tokens,
-            code_masks=code_masks,
-            encoder_out=encoder_out,
-            features_only=features_only,
-            alignment_layer=alignment_layer,
-            alignment_heads=alignment_heads,
-            src_lengths=src_lengths,
-            return_all_hiddens=return_all_hiddens,
+            prev_output_tokens, code_masks=code_masks, encoder_out=encoder_out, src_lengths=src_lengths,
+            features_only=features_only, return_all_hiddens=return_all_hiddens,
+            alignment_layer=alignment_layer, alignment_heads=alignment_heads,
         )
 
     def upgrade_state_dict_named(self, state_dict, name):

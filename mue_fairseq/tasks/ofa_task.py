@@ -10,6 +10,7 @@ import inspect
 import logging
 import math
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any, Dict, List, Optional
 
 import torch
@@ -64,6 +65,33 @@ class OFAConfig(FairseqDataclass):
     constraint_range: Optional[str] = field(
         default=None, metadata={"help": "'start,end': restrict generation to ids in [start, end) plus specials"}
     )
+
+
+# Sequence-generator keyword <- (generation option, value when the option is absent)
+_GENERATION_OPTIONS = (
+    ("beam_size", "beam", 5),
+    ("max_len_a", "max_len_a", 0),
+    ("max_len_b", "max_len_b", 200),
+    ("min_len", "min_len", 1),
+    ("len_penalty", "lenpen", 1),
+    ("unk_penalty", "unkpen", 0),
+    ("temperature", "temperature", 1.0),
+    ("match_source_len", "match_source_len", False),
+    ("no_repeat_ngram_size", "no_repeat_ngram_size", 0),
+)
+
+
+# Search options of fairseq's generation config <- their values when absent.
+_SEARCH_OPTIONS = {
+    "sampling": False,
+    "sampling_topk": -1,
+    "sampling_topp": -1.0,
+    "diverse_beam_groups": -1,
+    "diverse_beam_strength": 0.5,
+    "match_source_len": False,
+    "diversity_rate": -1,
+    "constraints": False,
+}
 
 
 def contiguous_batches(num_samples: int, batch_size: int) -> List[List[int]]:
@@ -124,26 +152,18 @@ class OFATask(FairseqTask):
     def get_batch_iterator(
         self,
         dataset,
-        max_tokens=None,
+        *,
         max_sentences=None,
-        max_positions=None,
-        ignore_invalid_inputs=False,
-        required_batch_size_multiple=1,
-        seed=1,
-        num_shards=1,
-        shard_id=0,
-        num_workers=0,
         epoch=1,
-        data_buffer_size=0,
-        disable_iterator_cache=False,
-        skip_remainder_batch=False,
-        grouped_shuffling=False,
-        update_epoch_batch_itr=False,
+        num_shards=1, shard_id=0,
+        num_workers=0, data_buffer_size=0,
+        seed=1, grouped_shuffling=False, skip_remainder_batch=False,
+        **size_options,
     ):
         """Batches of ``--batch-size`` consecutive rows that cover every row, as OFA batches.
 
-        ``--required-batch-size-multiple`` and ``--max-tokens`` are not applied:
-        fairseq's size-based batching can drop a final partial batch, and
+        ``size_options`` (``--max-tokens``, ``--required-batch-size-multiple``, max positions, ...)
+        are accepted and not applied: fairseq's size-based batching can drop a final partial batch, and
         evaluation must see every sample. fairseq shards the batches over
         workers and shuffles their order in training.
         """
@@ -155,17 +175,11 @@ class OFATask(FairseqTask):
         batches = contiguous_batches(len(dataset), max_sentences)
         training = getattr(dataset, "split", None) == "train"
         return iterators.EpochBatchIterator(
-            dataset=dataset,
-            collate_fn=dataset.collater,
-            batch_sampler=batches,
-            seed=seed,
-            num_shards=num_shards,
-            shard_id=shard_id,
-            num_workers=num_workers,
-            epoch=epoch,
-            buffer_size=data_buffer_size,
-            skip_remainder_batch=skip_remainder_batch and training,
-            grouped_shuffling=grouped_shuffling,
+            dataset=dataset, collate_fn=dataset.collater, batch_sampler=batches, epoch=epoch,
+            num_shards=num_shards, shard_id=shard_id,
+            num_workers=num_workers, buffer_size=data_buffer_size,
+            seed=seed, grouped_shuffling=grouped_shuffling,
+            skip_remainder_batch=skip_remainder_batch and training,  # validation keeps its last batch
         )
 
     # ------------------------------------------------------------ model
@@ -260,56 +274,44 @@ class OFATask(FairseqTask):
                 raise ValueError(f"--constraint-range is not supported by {seq_gen_cls.__name__}")
             kwargs["constraint_range"] = self.cfg.constraint_range
         kwargs.update(extra_gen_cls_kwargs or {})
-        return seq_gen_cls(
-            models,
-            self.target_dictionary,
-            beam_size=getattr(args, "beam", 5),
-            max_len_a=getattr(args, "max_len_a", 0),
-            max_len_b=getattr(args, "max_len_b", 200),
-            min_len=getattr(args, "min_len", 1),
-            normalize_scores=not getattr(args, "unnormalized", False),
-            len_penalty=getattr(args, "lenpen", 1),
-            unk_penalty=getattr(args, "unkpen", 0),
-            temperature=getattr(args, "temperature", 1.0),
-            match_source_len=getattr(args, "match_source_len", False),
-            no_repeat_ngram_size=getattr(args, "no_repeat_ngram_size", 0),
-            search_strategy=search_strategy,
-            **kwargs,
-        )
+        options = {keyword: getattr(args, name, default) for keyword, name, default in _GENERATION_OPTIONS}
+        options["normalize_scores"] = not getattr(args, "unnormalized", False)
+        return seq_gen_cls(models, self.target_dictionary, search_strategy=search_strategy, **options, **kwargs)
 
     def _search_strategy(self, args, prefix_allowed_tokens_fn=None):
-        sampling = getattr(args, "sampling", False)
-        sampling_topk = getattr(args, "sampling_topk", -1)
-        sampling_topp = getattr(args, "sampling_topp", -1.0)
-        diverse_beam_groups = getattr(args, "diverse_beam_groups", -1)
-        diverse_beam_strength = getattr(args, "diverse_beam_strength", 0.5)
-        match_source_len = getattr(args, "match_source_len", False)
-        diversity_rate = getattr(args, "diversity_rate", -1)
-        constraints = getattr(args, "constraints", False)
+        """fairseq's search for the generation options: the first of the list below that applies
+        (fairseq's precedence, which OFA keeps), plain beam search when none does."""
+        opt = SimpleNamespace(**{name: getattr(args, name, default) for name, default in _SEARCH_OPTIONS.items()})
         if prefix_allowed_tokens_fn is None:
             prefix_allowed_tokens_fn = getattr(args, "prefix_allowed_tokens_fn", None)
-        exclusive = [sampling, diverse_beam_groups > 0, match_source_len, diversity_rate > 0]
-        if sum(int(flag) for flag in exclusive) > 1:
-            raise ValueError("--sampling, --diverse-beam-groups, --match-source-len and --diversity-rate exclude each other")
-        if sampling_topk >= 0 and not sampling:
-            raise ValueError("--sampling-topk requires --sampling")
-        if sampling_topp >= 0 and not sampling:
-            raise ValueError("--sampling-topp requires --sampling")
+        exclusive = {
+            "--sampling": opt.sampling,
+            "--diverse-beam-groups": opt.diverse_beam_groups > 0,
+            "--match-source-len": opt.match_source_len,
+            "--diversity-rate": opt.diversity_rate > 0,
+        }
+        if sum(bool(on) for on in exclusive.values()) > 1:
+            raise ValueError(f"{', '.join(name for name, on in exclusive.items() if on)} exclude each other")
+        for name, value in (("--sampling-topk", opt.sampling_topk), ("--sampling-topp", opt.sampling_topp)):
+            if value >= 0 and not opt.sampling:
+                raise ValueError(f"{name} requires --sampling")
 
-        tgt_dict = self.target_dictionary
-        if sampling:
-            return search.Sampling(tgt_dict, sampling_topk, sampling_topp)
-        if diverse_beam_groups > 0:
-            return search.DiverseBeamSearch(tgt_dict, diverse_beam_groups, diverse_beam_strength)
-        if match_source_len:
-            return search.LengthConstrainedBeamSearch(tgt_dict, min_len_a=1, min_len_b=0, max_len_a=1, max_len_b=0)
-        if diversity_rate > -1:
-            return search.DiverseSiblingsSearch(tgt_dict, diversity_rate)
-        if constraints:
-            return search.LexicallyConstrainedBeamSearch(tgt_dict, args.constraints)
-        if prefix_allowed_tokens_fn:
-            return search.PrefixConstrainedBeamSearch(tgt_dict, prefix_allowed_tokens_fn)
-        return search.BeamSearch(tgt_dict)
+        vocab = self.target_dictionary
+        strategies = (
+            (opt.sampling, lambda: search.Sampling(vocab, opt.sampling_topk, opt.sampling_topp)),
+            (opt.diverse_beam_groups > 0,
+             lambda: search.DiverseBeamSearch(vocab, opt.diverse_beam_groups, opt.diverse_beam_strength)),
+            # output exactly as long as the input (tagging)
+            (opt.match_source_len,
+             lambda: search.LengthConstrainedBeamSearch(vocab, min_len_a=1, min_len_b=0, max_len_a=1, max_len_b=0)),
+            (opt.diversity_rate > -1, lambda: search.DiverseSiblingsSearch(vocab, opt.diversity_rate)),
+            (opt.constraints, lambda: search.LexicallyConstrainedBeamSearch(vocab, opt.constraints)),
+            (prefix_allowed_tokens_fn, lambda: search.PrefixConstrainedBeamSearch(vocab, prefix_allowed_tokens_fn)),
+        )
+        for applies, build in strategies:
+            if applies:
+                return build()
+        return search.BeamSearch(vocab)
 
     # -------------------------------------------------------------- misc
     def max_positions(self):
@@ -317,6 +319,7 @@ class OFATask(FairseqTask):
 
     @property
     def source_dictionary(self):
+        """OFA's dictionary (text BPE, image codes, location bins); the target's is an equal copy."""
         return self.src_dict
 
     @property
