@@ -2,9 +2,12 @@
 
 import json
 import math
+import os
 import pickle
 import random
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -343,3 +346,17 @@ def test_old_json_and_bad_pickles_are_named(tmp_path):
         pickle.dump({"document_frequency": {}}, f)
     with pytest.raises(KeyError, match="layout.p.*ref_len"):
         CiderD(df=str(layout))
+
+
+def test_cached_pickle_bytes_do_not_depend_on_the_hash_seed(tmp_path):
+    """The same corpus must give the same file on every run (set order follows PYTHONHASHSEED)."""
+    code = ("import sys; from mue_fairseq.metrics.cider import save_document_frequency; "
+            "save_document_frequency({1: ['a red circle and a blue star'], 2: ['two large squares', 'a star']}, "
+            "sys.argv[1])")
+    outputs = []
+    for seed in ("1", "2"):
+        path = tmp_path / f"words{seed}.p"
+        env = {**os.environ, "PYTHONHASHSEED": seed}
+        subprocess.run([sys.executable, "-c", code, str(path)], check=True, env=env, cwd=Path(__file__).parents[1])
+        outputs.append(path.read_bytes())
+    assert outputs[0] == outputs[1]

@@ -78,7 +78,9 @@ def save_document_frequency(refs: Mapping[Hashable, Sequence[str]], path: str, n
     if path.endswith((".p", ".pkl")):
         # A defaultdict, as OFA's files hold: OFA's scorer looks up unseen n-grams without .get().
         with open(path, "wb") as f:
-            pickle.dump({"document_frequency": defaultdict(float, df), "ref_len": float(len(refs))}, f)
+            # n-grams sorted: the same corpus gives the same bytes whatever the hash seed.
+            table = defaultdict(float, sorted(df.items()))
+            pickle.dump({"document_frequency": table, "ref_len": float(len(refs))}, f)
         return
     payload = {"n": n, "num_images": len(refs), "document_frequency": {" ".join(k): v for k, v in df.items()}}
     with open(path, "w", encoding="utf-8") as f:
