@@ -548,7 +548,7 @@ def build_synthetic_task(
     for train and valid in OFA's pickle layout, ``cider_cached_tokens/coco-{split}-words.p``, what
     OFA's ``--eval-cider-cached-tokens`` / ``--scst-cider-cached-tokens`` read) and ``info``.
     """
-    from mue_fairseq.metrics.cider import save_document_frequency
+    from mue_fairseq.metrics.cider import CIDER_EOS, save_document_frequency
 
     cfg = config or SyntheticTaskConfig()
     sizes = {"train": num_train, "valid": num_valid, "test": num_test}
@@ -561,7 +561,7 @@ def build_synthetic_task(
     next_row_id = 0
     for split, n_images in sizes.items():
         rng = random.Random(f"mue-synthetic/{seed}/{split}")
-        caption_rows, caption_meta = [], []
+        caption_rows, caption_meta, stage2_rows = [], [], []
         snli_rows, snli_meta = [], []
         coco_images, coco_annotations = [], []
         refs_by_image: dict[int, list[str]] = {}
@@ -587,6 +587,7 @@ def build_synthetic_task(
                     caption_rows.append((next_row_id, image_id, caption, object_labels, image_b64))
                     caption_meta.append({"uniq_id": next_row_id, "difficulty": caption_difficulty, **scene_meta})
                     next_row_id += 1
+                stage2_rows.append((image_id, image_id, "&&".join(captions), object_labels, image_b64))
             else:
                 caption_rows.append((image_id, image_id, "&&".join(captions), object_labels, image_b64))
                 caption_meta.append({"uniq_id": image_id, "difficulty": caption_difficulty, **scene_meta})
@@ -614,6 +615,10 @@ def build_synthetic_task(
             _write_jsonl(os.path.join(out_dir, f"{name}_{split}.meta.jsonl"), meta)
             paths[f"{name}_{split}"] = tsv
             paths[f"{name}_{split}_meta"] = os.path.join(out_dir, f"{name}_{split}.meta.jsonl")
+        if split == "train":
+            stage2_path = os.path.join(out_dir, "caption_stage2_train.tsv")
+            _write_tsv(stage2_path, stage2_rows)
+            paths["caption_stage2_train"] = stage2_path
         if split != "train":
             coco_path = os.path.join(out_dir, f"caption_{split}_coco_format.json")
             with open(coco_path, "w", encoding="utf-8") as f:
@@ -630,7 +635,8 @@ def build_synthetic_task(
             cached_dir = os.path.join(out_dir, "cider_cached_tokens")
             os.makedirs(cached_dir, exist_ok=True)
             cached_path = os.path.join(cached_dir, f"coco-{split}-words.p")
-            save_document_frequency(refs_by_image, cached_path)
+            # SCST scores sentences ending in the word <eos>, so OFA's training n-grams end with it too.
+            save_document_frequency(refs_by_image, cached_path, end_word=CIDER_EOS if split == "train" else None)
             paths[f"cider_cached_{split}"] = cached_path
         logger.info(
             "synthetic %s: %d images, %d caption rows, %d snli_ve rows",
