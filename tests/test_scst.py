@@ -427,3 +427,44 @@ def test_scst_needs_two_samples_per_image_and_the_scst_generator(data_dir, tmp_p
     cfg.task.scst = False
     with pytest.raises(ValueError, match="add --scst"):
         tasks.setup_task(cfg.task).build_criterion(cfg.criterion)
+
+
+# --------------------------------------------------------------------------- run script
+def test_stage2_run_script_trains_on_the_built_in_task(data_dir, tmp_path):
+    """run_scripts/caption/train_caption_stage2_mue.sh (torchrun, one CPU process) from the tiny OFA
+    checkpoint as MuE's model, with exits validated too."""
+    import os
+    import shlex
+
+    from ofa_stage2_scripts import TINY_CAPTION_MODEL
+
+    script = REPO / "run_scripts" / "caption" / "train_caption_stage2_mue.sh"
+    extra = [*TINY_CAPTION_MODEL, "--max-update=2", "--mue-decoder-threshold=0.9"]
+    env = {key: value for key, value in os.environ.items() if key not in ("CUDA_VISIBLE_DEVICES", "NPROC")}
+    env.update(OMP_NUM_THREADS="1", PYTHON=sys.executable, NPROC="1", data_dir=str(data_dir),
+               data=f"{data_dir}/caption_stage2_train.tsv,{data_dir}/caption_valid.tsv", restore_file=str(CHECKPOINT),
+               bpe_dir=str(require_file(BPE_DIR)), patch_image_size="64", save_dir=str(tmp_path / "ckpt"),
+               log_dir=str(tmp_path / "logs"), extra_args=" ".join(extra))
+    dry = subprocess.run(["bash", str(script)], env={**env, "DRY_RUN": "1"}, capture_output=True, text=True)
+    assert dry.returncode == 0, dry.stderr
+    command = shlex.split(dry.stdout.strip())
+    assert command[command.index("mue_fairseq.cli.train") - 1] == "-m"
+    for flag in ("--scst", "--criterion=scst_reward_criterion", "--arch=mue_ofa_base", "--warmup-ratio=0.06",
+                 "--max-epoch=3", "--batch-size=2", "--update-freq=4", "--selected-cols=1,4,2",
+                 f"--scst-cider-cached-tokens={data_dir}/cider_cached_tokens/coco-train-words.p",
+                 '--scst-args={"beam":5,"max_len_b":16,"no_repeat_ngram_size":3}'):
+        assert flag in command, flag
+
+    result = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=600)
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-5000:]
+    train = log_records(log, "train")
+    assert [int(r["num_updates"]) for r in train] == [1, 2] and all(float(r["score"]) > 0 for r in train), log[-3000:]
+    valid = log_records(log, "valid")
+    assert len(valid) == 2 and all("cider" in r and "cider_mue" in r for r in valid), valid
+    assert list((tmp_path / "ckpt").glob("*/checkpoint_last.pt"))
+
+    missing = subprocess.run(["bash", str(script)], env={**env, "data_dir": str(tmp_path / "none"), "data": "x,y"},
+                             capture_output=True, text=True)
+    assert missing.returncode != 0
+    assert f"CIDEr-D cached tokens not found: {tmp_path / 'none'}/cider_cached_tokens/coco-train-words.p" in missing.stderr
