@@ -432,7 +432,7 @@ def test_scst_needs_two_samples_per_image_and_the_scst_generator(data_dir, tmp_p
 # --------------------------------------------------------------------------- run script
 def test_stage2_run_script_trains_on_the_built_in_task(data_dir, tmp_path):
     """run_scripts/caption/train_caption_stage2_mue.sh (torchrun, one CPU process) from the tiny OFA
-    checkpoint as MuE's model, with exits validated too."""
+    checkpoint as MuE's model, with the layer-wise SCST loss and exits validated too."""
     import os
     import shlex
 
@@ -455,11 +455,13 @@ def test_stage2_run_script_trains_on_the_built_in_task(data_dir, tmp_path):
                  '--scst-args={"beam":5,"max_len_b":16,"no_repeat_ngram_size":3}'):
         assert flag in command, flag
 
-    result = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(["bash", str(script)], env={**env, "criterion": "mue_layerwise_scst"}, capture_output=True,
+                            text=True, timeout=600)
     log = result.stdout + result.stderr
     assert result.returncode == 0, log[-5000:]
     train = log_records(log, "train")
     assert [int(r["num_updates"]) for r in train] == [1, 2] and all(float(r["score"]) > 0 for r in train), log[-3000:]
+    assert all("loss_layer1" in r and "loss_layer2" in r for r in train), train
     valid = log_records(log, "valid")
     assert len(valid) == 2 and all("cider" in r and "cider_mue" in r for r in valid), valid
     assert list((tmp_path / "ckpt").glob("*/checkpoint_last.pt"))
@@ -468,3 +470,59 @@ def test_stage2_run_script_trains_on_the_built_in_task(data_dir, tmp_path):
                              capture_output=True, text=True)
     assert missing.returncode != 0
     assert f"CIDEr-D cached tokens not found: {tmp_path / 'none'}/cider_cached_tokens/coco-train-words.p" in missing.stderr
+
+
+# --------------------------------------------------------------------------- layer-wise SCST
+def layerwise_losses(data_dir: Path, tmp_path: Path, *criteria: List[str]):
+    """(loss, gradients, logging output) of each criterion option list on one batch of two images, the
+    same model (the tiny OFA checkpoint as MuE's model) and the same samples."""
+    from fairseq import checkpoint_utils, tasks
+
+    _, cfg = parse_stage2(data_dir, tmp_path, "--arch=mue_ofa_base")
+    task = tasks.setup_task(cfg.task)
+    model = task.build_model(cfg.model)
+    state = checkpoint_utils.load_checkpoint_to_cpu(str(CHECKPOINT))
+    model.load_state_dict(state["model"], strict=True)
+    task.load_dataset("train")
+    dataset = task.dataset("train")
+    sample = dataset.collater([dataset[0], dataset[1]])
+    results = []
+    for options in criteria:
+        _, criterion_cfg = parse_stage2(data_dir, tmp_path, "--arch=mue_ofa_base", *options)
+        criterion = task.build_criterion(criterion_cfg.criterion)
+        model.eval()  # no BatchNorm statistics move between the criteria
+        model.zero_grad()
+        loss, sample_size, logging_output = criterion(model, sample)
+        loss.backward()
+        grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+        results.append((loss.detach(), grads, logging_output, sample_size))
+    return results
+
+
+def assert_grads_close(actual: Dict[str, torch.Tensor], expected: Dict[str, torch.Tensor], rel: float = 1e-5):
+    """Each gradient equal up to ``rel`` of its largest entry, with a floor of 1e-7 of the largest entry
+    of all: gradients of reward-weighted sums cancel, so small entries carry the rounding of large ones
+    (seen: 4e-7 of the largest), and gradients that are 0 in exact arithmetic (a key bias under softmax)
+    are rounding noise (1e-10 here, against 25)."""
+    assert actual.keys() == expected.keys()
+    floor = 1e-7 * max(grad.abs().max().item() for grad in expected.values())
+    for name, grad in expected.items():
+        assert (actual[name] - grad).abs().max().item() <= rel * grad.abs().max().item() + floor, name
+
+
+def test_layerwise_scst_is_the_weighted_sum_of_each_exits_scst_loss(data_dir, tmp_path):
+    ofa, last, first, mean = layerwise_losses(
+        data_dir, tmp_path, [], ["--criterion=mue_layerwise_scst", "--layer-weights=0,1"],
+        ["--criterion=mue_layerwise_scst", "--layer-weights=1,0"], ["--criterion=mue_layerwise_scst"])
+    # the last exit alone is OFA's criterion: same samples, loss, gradients and logging
+    assert last[0].item() == pytest.approx(ofa[0].item(), rel=1e-9, abs=1e-12)
+    assert_grads_close(last[1], ofa[1])
+    assert last[3] == ofa[3] and last[2]["score"] == ofa[2]["score"] > 0
+    assert last[2]["loss_layer2"].item() == pytest.approx(ofa[0].item(), rel=1e-9, abs=1e-12)
+    # the first exit's loss differs; the default mean weighs both by 1/2
+    assert abs(first[0].item() - last[0].item()) > 1e-3
+    assert first[2]["loss_layer1"].item() == pytest.approx(first[0].item(), rel=1e-12)
+    assert mean[0].item() == pytest.approx((first[0].item() + last[0].item()) / 2, rel=1e-9, abs=1e-12)
+    # (with weights 1,0 the last decoder layer gets no gradient)
+    halves = {name: (first[1].get(name, torch.zeros_like(grad)) + last[1][name]) / 2 for name, grad in mean[1].items()}
+    assert_grads_close(mean[1], halves)

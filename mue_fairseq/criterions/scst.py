@@ -186,8 +186,9 @@ class ScstRewardCriterion(FairseqCriterion):
         _, scores = self.cider.compute_score(gts, res)
         return np.asarray(scores, dtype=np.float64)
 
-    def sample_lprobs(self, model, sample, tokens: List[Tensor]) -> Tuple[Tensor, Tensor]:
-        """Log-probabilities (B x T x V) of teacher-forcing the sampled captions, and their targets (B x T)."""
+    def sampled_batch(self, sample, tokens: List[Tensor]) -> Tuple[Dict[str, Any], Tensor]:
+        """The model input that teacher-forces the sampled captions (each image's input repeated for its
+        samples), and the captions as targets (B x T)."""
         device = sample["target"].device
         per_image = len(tokens) // sample["target"].size(0)
         dictionary = self.task.target_dictionary
@@ -197,15 +198,23 @@ class ScstRewardCriterion(FairseqCriterion):
         ).to(device).long()
         net_input = repeat_net_input(sample["net_input"], per_image, sample["target"].size(0))
         net_input["prev_output_tokens"] = prev_output_tokens
-        with full_depth(model):
-            net_output = model(**net_input)
-        logits = net_output[0]
+        return net_input, target
+
+    def log_probs(self, model, logits: Tensor) -> Tensor:
+        """Log-probabilities of ``logits`` (... x V), ids outside ``--constraint-range`` excluded."""
         if self.constraint_range is not None:
             start, end = self.constraint_range
             logits = logits.clone()
-            logits[:, :, len(SPECIAL_IDS) : start] = -math.inf
-            logits[:, :, end:] = -math.inf
-        lprobs = model.get_normalized_probs((logits, *net_output[1:]), log_probs=True)
+            logits[..., len(SPECIAL_IDS) : start] = -math.inf
+            logits[..., end:] = -math.inf
+        return model.get_normalized_probs((logits, None), log_probs=True)
+
+    def sample_lprobs(self, model, sample, tokens: List[Tensor]) -> Tuple[Tensor, Tensor]:
+        """Log-probabilities (B x T x V) of teacher-forcing the sampled captions, and their targets (B x T)."""
+        net_input, target = self.sampled_batch(sample, tokens)
+        with full_depth(model):
+            net_output = model(**net_input)
+        lprobs = self.log_probs(model, net_output[0])
         if self.ignore_prefix_size > 0:
             lprobs = lprobs[:, self.ignore_prefix_size :, :]
             target = target[:, self.ignore_prefix_size :]
