@@ -511,9 +511,10 @@ def assert_grads_close(actual: Dict[str, torch.Tensor], expected: Dict[str, torc
 
 
 def test_layerwise_scst_is_the_weighted_sum_of_each_exits_scst_loss(data_dir, tmp_path):
-    ofa, last, first, mean = layerwise_losses(
+    ofa, last, first, mean, ofa_prefix, last_prefix = layerwise_losses(
         data_dir, tmp_path, [], ["--criterion=mue_layerwise_scst", "--layer-weights=0,1"],
-        ["--criterion=mue_layerwise_scst", "--layer-weights=1,0"], ["--criterion=mue_layerwise_scst"])
+        ["--criterion=mue_layerwise_scst", "--layer-weights=1,0"], ["--criterion=mue_layerwise_scst"],
+        ["--ignore-prefix-size=2"], ["--criterion=mue_layerwise_scst", "--layer-weights=0,1", "--ignore-prefix-size=2"])
     # the last exit alone is OFA's criterion: same samples, loss, gradients and logging
     assert last[0].item() == pytest.approx(ofa[0].item(), rel=1e-9, abs=1e-12)
     assert_grads_close(last[1], ofa[1])
@@ -523,6 +524,12 @@ def test_layerwise_scst_is_the_weighted_sum_of_each_exits_scst_loss(data_dir, tm
     assert abs(first[0].item() - last[0].item()) > 1e-3
     assert first[2]["loss_layer1"].item() == pytest.approx(first[0].item(), rel=1e-12)
     assert mean[0].item() == pytest.approx((first[0].item() + last[0].item()) / 2, rel=1e-9, abs=1e-12)
+    # --ignore-prefix-size 2 leaves the first two tokens of each of the 10 sampled captions out
+    assert ofa_prefix[3] == last_prefix[3] == ofa[3] - 2 * 10
+    assert last_prefix[0].item() == pytest.approx(ofa_prefix[0].item(), rel=1e-9, abs=1e-12)
+    # and the loss stays: the 5 samples of an image start with the same two tokens, whose log-probabilities
+    # are then equal, and the samples' rewards sum to 0
+    assert ofa_prefix[0].item() == pytest.approx(ofa[0].item(), rel=1e-9)
     # (with weights 1,0 the last decoder layer gets no gradient)
     halves = {name: (first[1].get(name, torch.zeros_like(grad)) + last[1][name]) / 2 for name, grad in mean[1].items()}
     assert_grads_close(mean[1], halves)

@@ -62,7 +62,7 @@ class CaptionDataset(OFADataset):
         patch_image = self.load_patch_image(image, uniq_id, index)
         training = self.split == "train" and not self.scst
         tgt_caption = clean_caption(caption, training, self.max_tgt_length)
-        if not training:
+        if self.scst and self.split == "train":
             self.check_references(tgt_caption, uniq_id, index)
         tgt_item = self.encode_text(" " + tgt_caption)
         return {
@@ -75,8 +75,8 @@ class CaptionDataset(OFADataset):
         }
 
     def check_references(self, references: str, uniq_id: str, index: int) -> None:
-        """A per-image row (validation, SCST training) must hold references, none of them empty: SCST
-        and CIDEr would score against an empty sentence."""
+        """An SCST training row must hold references, none of them empty: its rewards would score
+        against an empty sentence."""
         items = references.split(REFERENCE_SEPARATOR)
         empty = [number for number, item in enumerate(items, start=1) if not item.strip()]
         if empty:
