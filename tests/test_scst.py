@@ -469,7 +469,8 @@ def test_stage2_run_script_trains_on_the_built_in_task(data_dir, tmp_path):
     missing = subprocess.run(["bash", str(script)], env={**env, "data_dir": str(tmp_path / "none"), "data": "x,y"},
                              capture_output=True, text=True)
     assert missing.returncode != 0
-    assert f"CIDEr-D cached tokens not found: {tmp_path / 'none'}/cider_cached_tokens/coco-train-words.p" in missing.stderr
+    expected = f"CIDEr-D cached tokens not found: {tmp_path / 'none'}/cider_cached_tokens/coco-train-words.p"
+    assert expected in missing.stderr
 
 
 # --------------------------------------------------------------------------- layer-wise SCST

@@ -116,7 +116,9 @@ class AdjustLabelSmoothedEncouragingLossCriterion(AdjustLabelSmoothedCrossEntrop
         if selection.conf is not None:
             lprobs = lprobs * selection.conf.unsqueeze(-1).to(lprobs)
         constraint_ids = self.constraint_ids(lprobs.device) if selection.constraint_masks is None else None
-        loss, nll = label_smoothed_nll_loss(lprobs, selection.target, self.eps, selection.constraint_masks, constraint_ids)
+        loss, nll = label_smoothed_nll_loss(
+            lprobs, selection.target, self.eps, selection.constraint_masks, constraint_ids
+        )
         with torch.no_grad():
             n_correct = logits.argmax(-1).eq(selection.target).sum(-1)
         target = selection.target.expand_as(loss)

@@ -6,7 +6,8 @@
 # when nvidia-smi lists GPUs, else NPROC (default 1) CPU processes; torchrun starts them.
 #
 #   bash run_scripts/caption/train_caption_stage2_mue.sh
-#   data_dir=/data/caption_data restore_file=/ckpt/caption_stage1_best.pt bash run_scripts/caption/train_caption_stage2_mue.sh
+#   data_dir=/data/caption_data restore_file=/ckpt/caption_stage1_best.pt \
+#       bash run_scripts/caption/train_caption_stage2_mue.sh
 #
 # data_dir holds OFA's caption_stage2_train.tsv (one row per image, its captions joined by &&),
 # caption_val.tsv and cider_cached_tokens/coco-{train,valid}-words.p, as data_utils/convert_coco.py
@@ -57,7 +58,8 @@ validate_interval_updates=${validate_interval_updates:-500}
 
 for file in "${scst_cider_cached}" "${eval_cider_cached}"; do
   if [ "${DRY_RUN:-0}" != "1" ] && [ ! -f "${file}" ]; then
-    echo "CIDEr-D cached tokens not found: ${file} (set data_dir=..., or scst_cider_cached=... / eval_cider_cached=...)" >&2
+    echo "CIDEr-D cached tokens not found: ${file}" \
+      "(set data_dir=..., or scst_cider_cached=... / eval_cider_cached=...)" >&2
     exit 1
   fi
 done
