@@ -512,10 +512,12 @@ def assert_grads_close(actual: Dict[str, torch.Tensor], expected: Dict[str, torc
 
 
 def test_layerwise_scst_is_the_weighted_sum_of_each_exits_scst_loss(data_dir, tmp_path):
-    ofa, last, first, mean, ofa_prefix, last_prefix = layerwise_losses(
+    ofa, last, first, mean, ofa_prefix, last_prefix, per_caption = layerwise_losses(
         data_dir, tmp_path, [], ["--criterion=mue_layerwise_scst", "--layer-weights=0,1"],
         ["--criterion=mue_layerwise_scst", "--layer-weights=1,0"], ["--criterion=mue_layerwise_scst"],
-        ["--ignore-prefix-size=2"], ["--criterion=mue_layerwise_scst", "--layer-weights=0,1", "--ignore-prefix-size=2"])
+        ["--ignore-prefix-size=2"], ["--criterion=mue_layerwise_scst", "--layer-weights=0,1", "--ignore-prefix-size=2"],
+        ["--criterion=mue_layerwise_scst", "--sentence-avg"])
+    assert per_caption[3] == 10 and per_caption[2]["ntokens"] == ofa[3]  # --sentence-avg: 2 images x 5 captions
     # the last exit alone is OFA's criterion: same samples, loss, gradients and logging
     assert last[0].item() == pytest.approx(ofa[0].item(), rel=1e-9, abs=1e-12)
     assert_grads_close(last[1], ofa[1])
