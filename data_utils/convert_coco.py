@@ -11,6 +11,9 @@ Output, in OFA's column order ``uniq-id, image-id, caption, predicted-object-lab
   (uniq-id = image-id = cocoid), as OFA reads them with ``--selected-cols 1,4,2``;
 * optionally ``caption_stage2_train.tsv``: train + restval in the per-image form (for SCST);
 * ``caption_{val,test}_coco_format.json``: references for :mod:`mue_fairseq.metrics.caption_scores`;
+* ``cider_cached_tokens/coco-{train,valid}-words.p``: CIDEr-D document frequencies of the train and
+  val references in OFA's pickle layout (``--scst-cider-cached-tokens`` / ``--eval-cider-cached-tokens``;
+  the train references end with the word ``<eos>``, as SCST scores them);
 * ``conversion_report.json``: rows written and every bad row (file, entry, reason).
 
 The predicted-object-labels column is left empty (OFA does not read it).
@@ -127,6 +130,7 @@ def convert_coco(
     for key in wanted:
         files[key] = open(os.path.join(out_dir, names[key]), "w", encoding="utf-8", newline="\n")
     references = {s: ([], []) for s in splits if s != "train"}
+    cider_refs: dict[str, dict[int, list[str]]] = {s: {} for s in ("train", "val") if s in splits}
     converted = {s: 0 for s in splits}
     try:
         for i, entry in enumerate(entries):
@@ -158,6 +162,8 @@ def convert_coco(
                 report.bad(karpathy_json, location, str(e))
                 continue
             image_id = int(entry["cocoid"])
+            if split in cider_refs:
+                cider_refs[split][image_id] = [c for _, c in captions]
             if split == "train":
                 for sentid, caption in captions:
                     write_tsv_row(files["train"], [sentid, image_id, caption, "", image_b64])
@@ -185,9 +191,21 @@ def convert_coco(
         with open(path, "w", encoding="utf-8") as f:
             json.dump(_coco_reference(images, annotations, split), f)
         logger.info("wrote %d reference captions of %d images to %s", len(annotations), len(images), path)
+    _save_cider_cached_tokens(cider_refs, out_dir)
     report.save(os.path.join(out_dir, "conversion_report.json"))
     report.log_summary()
     return report
+
+
+def _save_cider_cached_tokens(refs: dict[str, dict[int, list[str]]], out_dir: str) -> None:
+    from mue_fairseq.metrics.cider import CIDER_EOS, save_document_frequency
+
+    for split, name in (("train", "train"), ("val", "valid")):
+        if refs.get(split):
+            path = os.path.join(out_dir, "cider_cached_tokens", f"coco-{name}-words.p")
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            save_document_frequency(refs[split], path, end_word=CIDER_EOS if split == "train" else None)
+            logger.info("wrote CIDEr-D document frequencies of %d %s images to %s", len(refs[split]), split, path)
 
 
 def cli_main(argv: list[str] | None = None) -> ConversionReport:

@@ -95,6 +95,17 @@ def test_convert_coco_skip_mode_writes_ofa_tsvs_and_reports(tmp_path):
     test = _read_tsv(out / "caption_test.tsv")
     assert [r[:3] for r in test] == [["4", "4", "A red image."]]
 
+    # OFA's cached CIDEr-D statistics: train (images 1 and 2, ending in <eos> for SCST) and val (image 3)
+    with open(out / "cider_cached_tokens" / "coco-train-words.p", "rb") as f:
+        cached = pickle.load(f)
+    assert cached["ref_len"] == 2.0
+    df = cached["document_frequency"]
+    assert df[("a", "dog")] == 1 and df[("runs", "<eos>")] == 1 and df[("<eos>",)] == 2 and ("picture",) in df
+    with open(out / "cider_cached_tokens" / "coco-valid-words.p", "rb") as f:
+        cached = pickle.load(f)
+    assert cached["ref_len"] == 1.0 and cached["document_frequency"][("green",)] == 1
+    assert ("<eos>",) not in cached["document_frequency"]
+
     ref = json.loads((out / "caption_val_coco_format.json").read_text())
     assert ref["images"] == [{"id": 3, "file_name": "c.jpg"}]
     assert [(a["image_id"], a["id"], a["caption"]) for a in ref["annotations"]] == [
@@ -337,6 +348,16 @@ def test_synthetic_caption_files(synthetic):
         assert cached["ref_len"] == n  # images, not their log
         some_caption = _read_tsv(synthetic[f"caption_{split}"])[0][2].split("&&")[0].split()
         assert cached["document_frequency"][tuple(some_caption[:2])] >= 1
+        # SCST (train) scores sentences ending in the word <eos>, as OFA's training n-grams do
+        ending = (*some_caption[-2:], "<eos>")
+        assert (cached["document_frequency"].get(ending, 0) >= 1) == (split == "train")
+    # OFA's stage-2 (SCST) training file: one row per training image, all its captions joined by &&
+    stage2 = _read_tsv(synthetic["caption_stage2_train"])
+    train = _read_tsv(synthetic["caption_train"])
+    assert len(stage2) == SMALL["num_train"] and all(r[0] == r[1] for r in stage2)
+    for row in stage2:
+        assert row[2].split("&&") == [r[2] for r in train if r[1] == row[1]]
+        assert row[3:] == next(r[3:] for r in train if r[1] == row[1])  # labels and image as in train
     ids = [int(r[1]) for s in ("train", "valid", "test") for r in _read_tsv(synthetic[f"caption_{s}"])]
     assert len(set(ids)) == SMALL["num_train"] + SMALL["num_valid"] + SMALL["num_test"]  # image ids unique
 

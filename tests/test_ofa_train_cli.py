@@ -261,8 +261,6 @@ def test_comma_joined_tsv_data_skips_fairseqs_valid_file_search(data_dir):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--criterion", "scst_reward_criterion"], "--criterion scst_reward_criterion (self-critical"),
-    (["--criterion=adjust_label_smoothed_encouraging_loss"], "--criterion adjust_label_smoothed_encouraging_loss"),
     (["--lr-scheduler", "inverse_sqrt", "--warmup-ratio", "0.1"], "--warmup-ratio is an option of --lr-scheduler "
                                                                  "polynomial_decay, not inverse_sqrt"),
     (["--warmup-ratio", "1.5"], "--warmup-ratio must be in [0, 1), got 1.5"),

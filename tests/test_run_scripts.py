@@ -71,7 +71,7 @@ def write_rows(path: Path, count: int) -> Path:
 # ----------------------------------------------------------------------------- syntax
 @pytest.mark.parametrize("script", [SCRIPTS / "mue_common.sh", *MUE_SCRIPTS], ids=lambda p: p.name)
 def test_scripts_parse(script):
-    assert len(MUE_SCRIPTS) == 6
+    assert len(MUE_SCRIPTS) == 7
     result = subprocess.run([BASH, "-n", str(script)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
 

@@ -10,7 +10,7 @@ import random
 from data_utils.synthetic.config import SyntheticTaskConfig
 from data_utils.synthetic.language import HYPOTHESIS_LEVELS, LABELS, caption_variants, make_hypothesis, make_premise
 from data_utils.synthetic.scene import image_to_base64, render_scene, sample_scene
-from mue_fairseq.metrics.cider import save_document_frequency
+from mue_fairseq.metrics.cider import CIDER_EOS, save_document_frequency
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +58,7 @@ def build_synthetic_task(
 
     Returns a dict of written paths with keys ``caption_{split}``, ``snli_ve_{split}``,
     ``caption_{split}_meta``, ``snli_ve_{split}_meta`` (split in train/valid/test),
+    ``caption_stage2_train`` (one row per training image with all its captions, OFA's SCST input),
     ``caption_{valid,test}_coco`` (COCO-format references), ``caption_valid_cider_df`` (CIDEr-D
     document frequencies of the valid references, JSON), ``cider_cached_{train,valid}`` (the same
     for train and valid in OFA's pickle layout, ``cider_cached_tokens/coco-{split}-words.p``, what
@@ -74,7 +75,7 @@ def build_synthetic_task(
     next_row_id = 0
     for split, n_images in sizes.items():
         rng = random.Random(f"mue-synthetic/{seed}/{split}")
-        caption_rows, caption_meta = [], []
+        caption_rows, caption_meta, stage2_rows = [], [], []
         snli_rows, snli_meta = [], []
         coco_images, coco_annotations = [], []
         refs_by_image: dict[int, list[str]] = {}
@@ -100,6 +101,7 @@ def build_synthetic_task(
                     caption_rows.append((next_row_id, image_id, caption, object_labels, image_b64))
                     caption_meta.append({"uniq_id": next_row_id, "difficulty": caption_difficulty, **scene_meta})
                     next_row_id += 1
+                stage2_rows.append((image_id, image_id, "&&".join(captions), object_labels, image_b64))
             else:
                 caption_rows.append((image_id, image_id, "&&".join(captions), object_labels, image_b64))
                 caption_meta.append({"uniq_id": image_id, "difficulty": caption_difficulty, **scene_meta})
@@ -127,6 +129,10 @@ def build_synthetic_task(
             _write_jsonl(os.path.join(out_dir, f"{name}_{split}.meta.jsonl"), meta)
             paths[f"{name}_{split}"] = tsv
             paths[f"{name}_{split}_meta"] = os.path.join(out_dir, f"{name}_{split}.meta.jsonl")
+        if split == "train":
+            stage2_path = os.path.join(out_dir, "caption_stage2_train.tsv")
+            _write_tsv(stage2_path, stage2_rows)
+            paths["caption_stage2_train"] = stage2_path
         if split != "train":
             coco_path = os.path.join(out_dir, f"caption_{split}_coco_format.json")
             with open(coco_path, "w", encoding="utf-8") as f:
@@ -143,7 +149,8 @@ def build_synthetic_task(
             cached_dir = os.path.join(out_dir, "cider_cached_tokens")
             os.makedirs(cached_dir, exist_ok=True)
             cached_path = os.path.join(cached_dir, f"coco-{split}-words.p")
-            save_document_frequency(refs_by_image, cached_path)
+            # SCST scores sentences ending in the word <eos>, so OFA's training n-grams end with it too.
+            save_document_frequency(refs_by_image, cached_path, end_word=CIDER_EOS if split == "train" else None)
             paths[f"cider_cached_{split}"] = cached_path
         logger.info(
             "synthetic %s: %d images, %d caption rows, %d snli_ve rows",

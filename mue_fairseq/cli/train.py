@@ -21,8 +21,7 @@ entry point only prepares its configuration:
   (fairseq's default, `--max-update`, makes the scheduler fail when `--max-update` is unset).
 * the data argument of OFA's tasks lists TSV files (training file(s), then the validation file),
   so fairseq's search for unused `valid*` files in a data directory does not apply to them.
-* OFA's own `--user-dir` (`ofa_module`) and the OFA criteria this plugin does not have are named in
-  the error.
+* OFA's own `--user-dir` (`ofa_module`) is named in the error.
 """
 import argparse
 import logging
@@ -46,11 +45,6 @@ logger = logging.getLogger("mue_fairseq.train")
 PLUGIN_DIR = os.path.dirname(os.path.abspath(mue_fairseq.__file__))
 # polynomial_decay's decay length in OFA's fork when neither it nor a warm-up ratio sets one.
 OFA_TOTAL_NUM_UPDATE = 1_000_000
-# Criteria of OFA's training scripts that this plugin does not provide.
-OFA_CRITERIA_ELSEWHERE = {
-    "scst_reward_criterion": "self-critical sequence training, OFA's caption stage 2",
-    "adjust_label_smoothed_encouraging_loss": "the encouraging loss of OFA's *_el scripts",
-}
 
 
 @dataclass
@@ -141,21 +135,13 @@ def main(cfg, warmup_ratio: float = 0.0) -> None:
 
 
 def check_ofa_only_options(parser: argparse.ArgumentParser, argv: Optional[List[str]]) -> None:
-    """Name what of OFA's own is not here (its plugin directory, criteria this plugin lacks), instead of
-    an import failure or argparse's list of every criterion."""
-    from fairseq.criterions import CRITERION_REGISTRY
-
+    """Name OFA's own plugin directory, which needs OFA's fairseq fork, instead of an import failure."""
     pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--criterion")
     pre.add_argument("--user-dir")
     known, _ = pre.parse_known_args(argv)
     if known.user_dir and os.path.basename(os.path.normpath(known.user_dir)) == "ofa_module":
         parser.error(f"--user-dir {known.user_dir} is OFA's own plugin (it needs OFA's fairseq fork); "
                      f"use --user-dir {PLUGIN_DIR}, or leave --user-dir out")
-    if known.criterion in OFA_CRITERIA_ELSEWHERE and known.criterion not in CRITERION_REGISTRY:
-        parser.error(f"--criterion {known.criterion} ({OFA_CRITERIA_ELSEWHERE[known.criterion]}) is not "
-                     "implemented in mue_fairseq; its criteria are adjust_label_smoothed_cross_entropy and "
-                     "mue_layerwise_ce")
 
 
 def prepare_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:

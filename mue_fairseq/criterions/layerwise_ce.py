@@ -86,6 +86,18 @@ def parse_layer_weights(text: Optional[str]) -> Optional[List[float]]:
     return weights
 
 
+def decoder_layer_weights(explicit: Optional[List[float]], reduction: str, num_layers: int) -> List[float]:
+    """Weight of each decoder layer's loss, layer 1 first: ``explicit`` (--layer-weights) if given,
+    else 1/N each (``mean``) or 1 each (``sum``)."""
+    if explicit is not None:
+        if len(explicit) != num_layers:
+            raise ValueError(
+                f"--layer-weights has {len(explicit)} values but the decoder has {num_layers} layers"
+            )
+        return list(explicit)
+    return [1.0 / num_layers if reduction == "mean" else 1.0] * num_layers
+
+
 @register_criterion("mue_layerwise_ce", dataclass=LayerwiseCrossEntropyConfig)
 class LayerwiseCrossEntropyCriterion(AdjustLabelSmoothedCrossEntropyCriterion):
     """OFA's label-smoothed cross-entropy summed over decoder layers with per-layer weights."""
@@ -133,14 +145,7 @@ class LayerwiseCrossEntropyCriterion(AdjustLabelSmoothedCrossEntropyCriterion):
     # ------------------------------------------------------------------ layers
     def layer_weights(self, num_layers: int) -> List[float]:
         """Weight of each decoder layer's loss, layer 1 first."""
-        if self.explicit_layer_weights is not None:
-            if len(self.explicit_layer_weights) != num_layers:
-                raise ValueError(
-                    f"--layer-weights has {len(self.explicit_layer_weights)} values but the decoder "
-                    f"has {num_layers} layers"
-                )
-            return list(self.explicit_layer_weights)
-        return [1.0 / num_layers if self.layer_reduction == "mean" else 1.0] * num_layers
+        return decoder_layer_weights(self.explicit_layer_weights, self.layer_reduction, num_layers)
 
     def scored_layers(self, num_layers: int, training: bool) -> List[Tuple[int, float]]:
         """(layer, weight) pairs to score in this step, layers numbered 1..N, weight 0 omitted."""

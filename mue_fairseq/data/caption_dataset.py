@@ -62,6 +62,8 @@ class CaptionDataset(OFADataset):
         patch_image = self.load_patch_image(image, uniq_id, index)
         training = self.split == "train" and not self.scst
         tgt_caption = clean_caption(caption, training, self.max_tgt_length)
+        if self.scst and self.split == "train":
+            self.check_references(tgt_caption, uniq_id, index)
         tgt_item = self.encode_text(" " + tgt_caption)
         return {
             "id": uniq_id,
@@ -71,3 +73,16 @@ class CaptionDataset(OFADataset):
             "target": torch.cat([tgt_item, self.eos_item]),
             "prev_output_tokens": torch.cat([self.bos_item, tgt_item]),
         }
+
+    def check_references(self, references: str, uniq_id: str, index: int) -> None:
+        """An SCST training row must hold references, none of them empty: its rewards would score
+        against an empty sentence."""
+        items = references.split(REFERENCE_SEPARATOR)
+        empty = [number for number, item in enumerate(items, start=1) if not item.strip()]
+        if empty:
+            where = f"{self.dataset.path}, line {self.dataset.line_number(index)} (id {uniq_id})"
+            what = "no references" if len(items) == 1 else f"reference(s) {empty} of {len(items)} empty"
+            raise ValueError(
+                f"{where}: {what} in the caption column; per-image rows join one or more non-empty "
+                f"captions with '{REFERENCE_SEPARATOR}'"
+            )

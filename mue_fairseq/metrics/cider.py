@@ -30,6 +30,9 @@ logger = logging.getLogger(__name__)
 
 NGram = tuple[str, ...]
 
+# The word ending every sentence of OFA's SCST scoring and of its cached training n-grams.
+CIDER_EOS = "<eos>"
+
 _PUNCT_RE = re.compile("[" + re.escape(string.punctuation) + "]")
 
 
@@ -51,30 +54,38 @@ def count_ngrams(words: Sequence[str], n: int = 4) -> Counter:
     return counts
 
 
-def document_frequency(refs: Iterable[Sequence[str]], n: int = 4) -> dict[NGram, float]:
+def document_frequency(
+    refs: Iterable[Sequence[str]], n: int = 4, end_word: str | None = None
+) -> dict[NGram, float]:
     """Number of reference sets (images) in which each n-gram occurs at least once.
 
-    ``refs`` yields, per image, its list of reference sentences (raw strings).
+    ``refs`` yields, per image, its list of reference sentences (raw strings); ``end_word``, when
+    given, ends every tokenized sentence (OFA's SCST n-grams end with ``<eos>``).
     """
+    suffix = [end_word] if end_word else []
     df: Counter = Counter()
     for ref_list in refs:
         seen: set[NGram] = set()
         for ref in ref_list:
-            seen.update(count_ngrams(simple_tokenize(ref), n))
+            seen.update(count_ngrams(simple_tokenize(ref) + suffix, n))
         df.update(seen)
     return {k: float(v) for k, v in df.items()}
 
 
-def save_document_frequency(refs: Mapping[Hashable, Sequence[str]], path: str, n: int = 4) -> None:
+def save_document_frequency(
+    refs: Mapping[Hashable, Sequence[str]], path: str, n: int = 4, end_word: str | None = None
+) -> None:
     """Cache the document frequencies of a reference corpus (``refs``: image -> its references).
 
     A path ending in ``.p`` / ``.pkl`` gets OFA's pickle layout (``coco-*-words.p``:
     ``{"document_frequency": {ngram tuple: count}, "ref_len": number of images}``); any other path
     gets JSON with n-grams joined by spaces and the number of images under ``num_images``.
+    ``end_word="<eos>"`` ends every reference with that word, as the n-grams of OFA's
+    ``coco-train-words.p`` (read by SCST, which scores sentences ending in ``<eos>``) do.
     """
     if not refs:
         raise ValueError("cannot compute document frequencies of an empty reference corpus")
-    df = document_frequency(refs.values(), n)
+    df = document_frequency(refs.values(), n, end_word)
     if path.endswith((".p", ".pkl")):
         # A defaultdict, as OFA's files hold: OFA's scorer looks up unseen n-grams without .get().
         with open(path, "wb") as f:
