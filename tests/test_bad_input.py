@@ -127,3 +127,73 @@ def test_task_other_than_the_checkpoints_is_named(tmp_path):
     proc = _evaluate(tmp_path, tmp_path / "results", "--task", "snli_ve")
     assert proc.returncode != 0
     assert "--task snli_ve but the checkpoint" in proc.stderr and "trained for 'caption'" in proc.stderr
+
+
+# ----------------------------------------------------------------------------- images and texts
+
+
+def _caption_rows():
+    import csv
+
+    csv.field_size_limit(1 << 30)
+    with open(require_file(CAPTION_TSV), newline="", encoding="utf-8") as f:
+        return list(csv.reader(f, delimiter="\t"))
+
+
+def _write_rows(path, rows):
+    path.write_text("".join("\t".join(row) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+def _truncated_tsv(tmp_path):
+    rows = _caption_rows()
+    image = rows[1][4]
+    rows[1][4] = image[: len(image) // 3 // 4 * 4]  # base64 cut on a 4-character boundary: 2/3 of the PNG gone
+    return _write_rows(tmp_path / "truncated.tsv", rows)
+
+
+def _evaluate_tsv(tmp_path, tsv, *extra):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    overrides = {"data": str(tsv), "bpe_dir": str(BPE_DIR), "selected_cols": "1,4,2"}
+    args = [sys.executable, "-m", "mue_fairseq.cli.evaluate", str(tsv), "--path", str(require_file(HOLDOUT)),
+            "--user-dir", str(REPO / "mue_fairseq"), "--task", "caption", "--gen-subset", "test", "--batch-size", "4",
+            "--required-batch-size-multiple", "1", "--cpu", "--beam", "1", "--max-len-b", "4",
+            "--results-path", str(tmp_path / "results"), "--model-overrides", repr(overrides), *extra]
+    return subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_truncated_image_is_named_counted_and_kept_as_ofa_does(tmp_path):
+    import json
+
+    proc = _evaluate_tsv(tmp_path, _truncated_tsv(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    log = proc.stdout + proc.stderr
+    assert "row 1002 (" in log and "truncated.tsv, line 2): image is truncated" in log
+    scores = json.loads((tmp_path / "results" / "test_scores.json").read_text())
+    assert scores["truncated_images"] == 1 and scores["truncated_image_rows"][0].startswith("1002 (")
+    assert len(json.loads((tmp_path / "results" / "test_predict.json").read_text())) == 8  # the row still counts
+
+
+def test_strict_images_makes_a_truncated_image_an_error(tmp_path):
+    proc = _evaluate_tsv(tmp_path, _truncated_tsv(tmp_path), "--strict-images")
+    assert proc.returncode != 0
+    assert "row 1002 (" in proc.stderr and "image is truncated" in proc.stderr and "--strict-images" in proc.stderr
+    assert not (tmp_path / "results" / "test_predict.json").exists()
+
+
+def test_empty_training_caption_is_named(tmp_path, caplog):
+    from mue_fairseq.data.caption_dataset import CaptionDataset
+    from mue_fairseq.data.ofa_bpe import build_gpt2_bpe, load_ofa_dictionary
+    from mue_fairseq.data.tsv_file import TSVFile
+
+    rows = [[row[0], row[1], ",", row[3], row[4]] if i == 2 else row for i, row in enumerate(_caption_rows()[:4])]
+    path = _write_rows(tmp_path / "train.tsv", rows)
+    dictionary = load_ofa_dictionary(str(BPE_DIR))
+    dataset = CaptionDataset("train", TSVFile(str(path), "0,4,2"), build_gpt2_bpe(str(BPE_DIR)), dictionary,
+                             dictionary, patch_image_size=64)
+    with caplog.at_level("WARNING"):
+        for index in range(len(dataset)):
+            dataset[index]
+        dataset[2]  # named once per row
+    empty = [r.getMessage() for r in caplog.records if "empty caption" in r.getMessage()]
+    assert len(empty) == 1 and "row 2 (" in empty[0] and "train.tsv, line 3" in empty[0]

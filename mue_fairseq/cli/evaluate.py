@@ -45,6 +45,7 @@ class EvaluationResult:
     rank_seconds: List[float] = field(default_factory=list)  # model time of each rank
     rank_samples: List[int] = field(default_factory=list)  # samples each rank evaluated
     wall_seconds: Optional[float] = None  # the whole run (data, model, merge), slowest rank
+    truncated_images: List[str] = field(default_factory=list)  # rows whose image data ended early
 
     def quality(self) -> float:
         """The headline metric: SNLI-VE accuracy, or caption CIDEr."""
@@ -94,6 +95,8 @@ def load_for_evaluation(args: argparse.Namespace):
     asked_task = args.task if args.task != "translation" else None
     models, _, task = load_ofa_ensemble(utils.split_paths(cfg.common_eval.path), arg_overrides=overrides,
                                         task_name=asked_task)
+    # A task option, which the checkpoint's task config (OFA's: no such field) cannot carry.
+    task.strict_images = task.strict_images or bool(getattr(args, "strict_images", False))
     use_cuda = torch.cuda.is_available() and not cfg.common.cpu
     if cfg.common.fp16 and not use_cuda:
         # OFA's scripts pass --fp16 for their GPUs; half precision on the CPU is slow or unsupported.
@@ -123,6 +126,7 @@ class BatchOutput:
     correct: List[float]
     exits: list  # SampleExits of its samples (none without exit records)
     seconds: float
+    truncated_images: List[str] = field(default_factory=list)
 
     @property
     def num_samples(self) -> int:
@@ -183,8 +187,9 @@ def run_evaluation(models, task, cfg, subset: Optional[str] = None, snli_mode: s
 
     merged = interleave_batches(shards)
     merged_stats = ExitStatistics(stats.encoder_layers, stats.decoder_layers, stats.flop_model)
-    predictions, hyps, refs, correct = [], [], [], []
+    predictions, hyps, refs, correct, truncated = [], [], [], [], []
     for batch in merged:
+        truncated += batch.truncated_images
         predictions += batch.predictions
         hyps += batch.hyps
         refs += batch.refs
@@ -201,7 +206,8 @@ def run_evaluation(models, task, cfg, subset: Optional[str] = None, snli_mode: s
     wall_seconds = max(all_gather_floats(processes, time.perf_counter() - run_start))
     result = EvaluationResult(task_name, subset, len(predictions), scores,
                               merged_stats.summary() if len(merged_stats) else {}, sum(rank_seconds), predictions,
-                              rank_seconds=rank_seconds, rank_samples=rank_samples, wall_seconds=wall_seconds)
+                              rank_seconds=rank_seconds, rank_samples=rank_samples, wall_seconds=wall_seconds,
+                              truncated_images=truncated)
     return result, merged_stats
 
 
@@ -233,7 +239,7 @@ def _evaluate_batch(task, models, generator, cfg, stats, sample, use_cuda: bool,
             stats.add_generated(sample, hypos)
         answers = (task.generated_answers(sample, hypos) if is_snli
                    else [task.decode(h[0]["tokens"]).strip() for h in hypos])
-    out = BatchOutput([], [], [], [], stats.samples[first_exit:], elapsed)
+    out = BatchOutput([], [], [], [], stats.samples[first_exit:], elapsed, list(sample.get("truncated_images", [])))
     if is_snli:
         for sample_id, answer, ref_dict in zip(ids, answers, sample["ref_dict"]):
             out.predictions.append({"uniq_id": sample_id, "answer": answer})
@@ -316,7 +322,9 @@ def write_results(result: EvaluationResult, stats, results_path: str, plots: boo
         "predictions": json.dumps(result.predictions, indent=1),
         "scores": json.dumps({"num_samples": result.num_samples, "seconds": result.seconds, **result.scores,
                               "processes": len(result.rank_seconds) or 1, "rank_seconds": result.rank_seconds,
-                              "rank_samples": result.rank_samples, "wall_seconds": result.wall_seconds}, indent=1),
+                              "rank_samples": result.rank_samples, "wall_seconds": result.wall_seconds,
+                              "truncated_images": len(result.truncated_images),
+                              "truncated_image_rows": result.truncated_images}, indent=1),
     }
     if len(stats):
         texts["exit_stats"] = json.dumps(stats.to_json(), indent=1)
@@ -384,6 +392,10 @@ def _evaluate_and_write(args: argparse.Namespace, processes: EvalProcesses) -> E
                 f"run {result.wall_seconds:.2f} s" if processes.distributed else "")
     if summary:
         logger.info("exit summary: %s", json.dumps(summary.get("mean_exit_layers", summary))[:500])
+    if result.truncated_images:
+        logger.warning("%d image(s) were truncated and loaded as far as their data goes (as OFA does): %s; "
+                       "--strict-images makes this an error", len(result.truncated_images),
+                       "; ".join(result.truncated_images[:5]) + (" ..." if len(result.truncated_images) > 5 else ""))
     return result
 
 

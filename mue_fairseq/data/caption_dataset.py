@@ -62,6 +62,8 @@ class CaptionDataset(OFADataset):
         patch_image = self.load_patch_image(image, uniq_id, index)
         training = self.split == "train" and not self.scst
         tgt_caption = clean_caption(caption, training, self.max_tgt_length)
+        if training and not tgt_caption:
+            self.warn_empty_text("caption", uniq_id, index)
         if self.scst and self.split == "train":
             self.check_references(tgt_caption, uniq_id, index)
         tgt_item = self.encode_text(" " + tgt_caption)

@@ -9,15 +9,18 @@ to differences between Pillow versions in the bicubic resampling itself.
 
 import base64
 import binascii
+import logging
 from io import BytesIO
-from typing import Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 from PIL import Image, ImageFile, UnidentifiedImageError
 
-# OFA's datasets set these so the same rows load: truncated JPEGs are read as far
-# as possible and very large images are not refused.
+logger = logging.getLogger(__name__)
+
+# OFA's datasets set these so the same rows load: truncated images are read as far as possible
+# (decode_base64_image still names them) and very large images are not refused.
 ImageFile.LOAD_TRUNCATED_IMAGES = True
 Image.MAX_IMAGE_PIXELS = None
 
@@ -34,22 +37,50 @@ def normalization_stats(imagenet_default_mean_and_std: bool) -> Tuple[Tuple[floa
     return OFA_DEFAULT_MEAN, OFA_DEFAULT_STD
 
 
-def decode_base64_image(data: str, row_id: Union[str, int]) -> Image.Image:
+def decode_base64_image(data: str, row_id: Union[str, int], strict: bool = False,
+                        truncated: Optional[List[str]] = None) -> Image.Image:
     """Decode one data-file image column (urlsafe base64) into an RGB PIL image.
 
-    Raises ValueError naming ``row_id`` when the text is not base64 or not an image.
+    A truncated image (its data ends early) loads as far as the data goes, as in OFA, so outputs
+    stay OFA's; it is logged with ``row_id`` and appended to ``truncated``; ``strict`` makes it an
+    error instead. Raises ValueError naming ``row_id`` when the text is not base64 or not an image.
     """
     try:
         raw = base64.urlsafe_b64decode(data)
     except (binascii.Error, ValueError) as err:
         raise ValueError(f"row {row_id}: image column is not valid base64 ({err})") from err
     try:
+        return _open_rgb(raw, tolerate_truncation=False)
+    except OSError as err:
+        if "truncated" not in str(err):
+            raise _not_an_image(row_id, raw, err) from err
+        if strict:
+            raise ValueError(f"row {row_id}: image is truncated ({len(raw)} bytes; --strict-images)") from err
+    except (UnidentifiedImageError, SyntaxError, ValueError) as err:
+        raise _not_an_image(row_id, raw, err) from err
+    try:
+        image = _open_rgb(raw, tolerate_truncation=True)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise _not_an_image(row_id, raw, err) from err
+    logger.warning("row %s: image is truncated (%d bytes decoded); its missing part is filled, as OFA does",
+                   row_id, len(raw))
+    if truncated is not None:
+        truncated.append(f"{row_id}: {len(raw)} bytes")
+    return image
+
+
+def _open_rgb(raw: bytes, tolerate_truncation: bool) -> Image.Image:
+    previous = ImageFile.LOAD_TRUNCATED_IMAGES
+    ImageFile.LOAD_TRUNCATED_IMAGES = tolerate_truncation
+    try:
         with Image.open(BytesIO(raw)) as image:
             return image.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise ValueError(
-            f"row {row_id}: image column does not decode to an image ({len(raw)} bytes; {err})"
-        ) from err
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = previous
+
+
+def _not_an_image(row_id, raw: bytes, err: Exception) -> ValueError:
+    return ValueError(f"row {row_id}: image column does not decode to an image ({len(raw)} bytes; {err})")
 
 
 class PatchImageTransform:

@@ -8,6 +8,7 @@ batch OFA's models and criteria read: ``id``, ``nsentences``, ``ntokens``,
 prev_output_tokens} and ``target``, all right-padded with pad.
 """
 
+import logging
 import re
 from typing import Any, Dict, List, Sequence
 
@@ -18,6 +19,8 @@ from fairseq.data import Dictionary, FairseqDataset
 from mue_fairseq.data.image_transform import PatchImageTransform, decode_base64_image
 from mue_fairseq.data.ofa_bpe import encode_text
 from mue_fairseq.data.tsv_file import TSVFile
+
+logger = logging.getLogger(__name__)
 
 _LEADING_PUNCTUATION = ",.!?*#:;~"
 _REPEATED_WHITESPACE = re.compile(r"\s{2,}")
@@ -102,6 +105,8 @@ class OFADataset(FairseqDataset):
 
     #: names of the columns ``--selected-cols`` must pick, in order
     columns: Sequence[str] = ()
+    #: a truncated image is an error (``--strict-images``), else a warning and a count
+    strict_images: bool = False
 
     def __init__(
         self,
@@ -127,6 +132,10 @@ class OFADataset(FairseqDataset):
         self.patch_transform = PatchImageTransform.for_task(
             patch_image_size, imagenet_default_mean_and_std
         )
+        # Rows whose image was truncated, by sample id, until the collater puts them in their batch.
+        # Kept in the process that loads the samples (a data-loader worker collates what it loads).
+        self._truncated_images: Dict[str, List[str]] = {}
+        self._empty_texts: set = set()
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -138,10 +147,30 @@ class OFADataset(FairseqDataset):
     def load_patch_image(self, image_base64: str, row_id: str, index: int) -> torch.Tensor:
         """Preprocessed image tensor of row ``index`` (whose id column is ``row_id``)."""
         where = f"{row_id} ({self.dataset.path}, line {self.dataset.line_number(index)})"
-        return self.patch_transform(decode_base64_image(image_base64, where))
+        truncated: List[str] = []
+        image = decode_base64_image(image_base64, where, strict=self.strict_images, truncated=truncated)
+        if truncated:
+            self._truncated_images[str(row_id)] = truncated
+        return self.patch_transform(image)
+
+    def warn_empty_text(self, what: str, row_id, index: int) -> None:
+        """Log once per row that its `what` (a caption, a hypothesis) is empty after cleaning."""
+        key = (what, str(row_id))
+        if key not in self._empty_texts:
+            self._empty_texts.add(key)
+            logger.warning("row %s (%s, line %d): empty %s; the sample trains on eos alone (%d such rows so far)",
+                           row_id, self.dataset.path, self.dataset.line_number(index), what, len(self._empty_texts))
 
     def ordered_indices(self) -> np.ndarray:
         return np.arange(len(self), dtype=np.int64)
 
     def collater(self, samples: List[Dict[str, Any]], pad_to_length=None) -> Dict[str, Any]:
-        return collate_ofa_samples(samples, pad_idx=self.pad, eos_idx=self.eos)
+        return self.with_truncated_images(collate_ofa_samples(samples, pad_idx=self.pad, eos_idx=self.eos), samples)
+
+    def with_truncated_images(self, batch: Dict[str, Any], samples: List[Dict[str, Any]]) -> Dict[str, Any]:
+        """Add ``truncated_images`` (descriptions of the batch's rows whose image was truncated)."""
+        if batch:
+            batch["truncated_images"] = [
+                note for sample in samples for note in self._truncated_images.pop(str(sample["id"]), [])
+            ]
+        return batch

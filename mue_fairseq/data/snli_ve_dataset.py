@@ -74,6 +74,8 @@ class SnliVeDataset(OFADataset):
         patch_image = self.load_patch_image(image, uniq_id, index)
 
         hypothesis = pre_caption(hypothesis, self.max_src_length)
+        if not hypothesis:
+            self.warn_empty_text("hypothesis", uniq_id, index)
         premise = pre_caption(caption, self.max_src_length) if self.add_caption else None
         src_item = self.encode_text(snli_ve_source_text(hypothesis, premise))
         src_item = torch.cat([self.bos_item, src_item, self.eos_item])
@@ -109,7 +111,7 @@ class SnliVeDataset(OFADataset):
         return example
 
     def collater(self, samples: List[Dict[str, Any]], pad_to_length=None) -> Dict[str, Any]:
-        batch = collate_ofa_samples(samples, pad_idx=self.pad, eos_idx=self.eos)
+        batch = self.with_truncated_images(collate_ofa_samples(samples, pad_idx=self.pad, eos_idx=self.eos), samples)
         if not batch:
             return batch
         prompts = [s["decoder_prompt"] for s in samples]

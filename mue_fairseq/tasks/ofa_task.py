@@ -65,6 +65,11 @@ class OFAConfig(FairseqDataclass):
     constraint_range: Optional[str] = field(
         default=None, metadata={"help": "'start,end': restrict generation to ids in [start, end) plus specials"}
     )
+    strict_images: bool = field(
+        default=False,
+        metadata={"help": "a truncated image is an error naming its row (default: it loads as far as its "
+                  "data goes, as in OFA, with a warning, and is counted in the results)"},
+    )
 
 
 # Sequence-generator keyword <- (generation option, value when the option is absent)
@@ -111,6 +116,8 @@ class OFATask(FairseqTask):
         self.src_dict = src_dict
         self.tgt_dict = tgt_dict
         self.bpe = build_gpt2_bpe(cfg.bpe_dir)
+        # Task configs saved before the option existed (every OFA checkpoint's) lack it.
+        self.strict_images = bool(getattr(cfg, "strict_images", False))
 
     @classmethod
     def setup_task(cls, cfg: OFAConfig, **kwargs):
@@ -181,6 +188,13 @@ class OFATask(FairseqTask):
             seed=seed, grouped_shuffling=grouped_shuffling,
             skip_remainder_batch=skip_remainder_batch and training,  # validation keeps its last batch
         )
+
+    def dataset(self, split: str):
+        """The loaded dataset of `split`, decoding images as `--strict-images` asks."""
+        dataset = super().dataset(split)
+        if hasattr(dataset, "strict_images"):
+            dataset.strict_images = self.strict_images
+        return dataset
 
     # ------------------------------------------------------------ model
     def build_model(self, cfg, from_checkpoint=False):
