@@ -181,7 +181,9 @@ class OFATask(FairseqTask):
                 f"needs one of {list(OFA_ARCHITECTURES + MUE_ARCHITECTURES)}"
             )
         if arch in OFA_ARCHITECTURES and any(name.startswith("mue_") for name in vars(cfg)):
-            cfg._name = cfg.arch = "mue_ofa"
+            # fairseq builds the model type `_name` names; `arch` keeps the OFA size for the saved file
+            cfg._name = "mue_ofa"
+            cfg.arch = arch
         return super().build_model(cfg, from_checkpoint)
 
     # ------------------------------------------------------------ training

@@ -38,6 +38,16 @@ def sha256(path) -> str:
     return digest.hexdigest()
 
 
+def weights_digest(checkpoint) -> str:
+    """Digest of the model's tensors (interop_checkpoint.weights_digest), whatever else the file holds."""
+    import torch
+
+    sys.path.insert(0, str(HERE))
+    from interop_checkpoint import weights_digest as digest
+
+    return digest(torch.load(checkpoint, map_location="cpu", weights_only=False)["model"])
+
+
 def default_bpe_dir() -> Path:
     return Path(os.environ.get("MUE_BPE_DIR", REPO.parent / "shared" / "ofa_bpe"))
 
@@ -92,6 +102,8 @@ def run_ofa(args, batch_size: int, work: Path) -> dict:
     out["predictions"] = json.loads((observed / "test_predict.json").read_text())
     score_lines = [line for line in log.splitlines() if "score_sum" in line]
     out["score_line"] = score_lines[-1].split("|")[-1].strip() if score_lines else None
+    # merge_results logs "score_sum: tensor([s]), score_cnt: tensor([n]), score: s/n rounded to 4 places"
+    out["score"] = float(out["score_line"].rsplit("score:", 1)[1]) if out["score_line"] else None
     return out
 
 
@@ -237,6 +249,7 @@ def compare_once(args, batch_size: int, work: Path) -> dict:
     else:
         report["answer_scores"] = compare_answer_scores(ofa["answer_scores"], our_answer_scores(model, task, batch_size))
         report["accuracy_ofa_line"] = ofa["score_line"]
+        report["accuracy_ofa"] = 100.0 * ofa["score"] if ofa["score"] is not None else None
         report["accuracy_ours"] = ours["scores"].get("accuracy")
     fixture = {"batch_size": batch_size, "predictions": ofa["predictions"]}
     if args.task == "caption":
@@ -281,15 +294,16 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    work = args.work_dir or Path(tempfile.mkdtemp(prefix="ofa_harness_"))
+    work = (args.work_dir or Path(tempfile.mkdtemp(prefix="ofa_harness_"))).resolve()
     reports, fixtures = [], []
     for batch_size in args.batch_size:
         report, fixture = compare_once(args, batch_size, work / f"{args.task}_b{batch_size}")
         reports.append(report)
         fixtures.append(fixture)
-        print(json.dumps(report, indent=1), flush=True)
+        print(json.dumps(report), flush=True)
     header = {"task": args.task, "tsv": str(args.tsv), "tsv_sha256": sha256(args.tsv),
               "checkpoint": str(args.checkpoint), "checkpoint_sha256": sha256(args.checkpoint),
+              "checkpoint_weights_digest": weights_digest(args.checkpoint),
               "selected_cols": args.selected_cols, "overrides": args.overrides,
               "generation": ({"beam": args.beam, "max_len_b": args.max_len_b,
                               "no_repeat_ngram_size": args.no_repeat_ngram_size} if args.task == "caption" else None)}
@@ -305,7 +319,7 @@ def main(argv=None):
             a = r["answer_scores"]
             print(f"{r['batch_size']:>5}  {r['predictions_equal']:>7} / {r['predictions_total']:<7}  "
                   f"{a['argmax_equal']:>5} / {a['samples']:<5}  {a['max_abs_score_diff']:.2e}  "
-                  f"{r['accuracy_ofa_line']} / {r['accuracy_ours']}")
+                  f"{r['accuracy_ofa']:.2f} / {r['accuracy_ours']:.2f}")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({**header, "runs": reports}, indent=1))
