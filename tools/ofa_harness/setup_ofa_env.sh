@@ -40,6 +40,7 @@ MSG
     if [ -n "$GD" ]; then
         git --git-dir="$GD" cat-file -e "$OFA_COMMIT^{commit}" || { echo "error: commit $OFA_COMMIT not in $GD" >&2; exit 2; }
         # Mirrors may lack a few large blobs (two demo images here); export only the files present.
+        # (git archive may still print "invalid object" for a skipped file; the export is complete.)
         git --git-dir="$GD" ls-tree -r "$OFA_COMMIT" | awk '$2=="blob"{print $3"\t"$4}' > "$PEER/tree.txt"
         cut -f1 "$PEER/tree.txt" | git --git-dir="$GD" cat-file --batch-check | paste - "$PEER/tree.txt" \
             | awk -F'\t' '$1 !~ / missing$/ {print $3}' > "$PEER/present.txt"
