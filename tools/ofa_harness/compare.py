@@ -238,6 +238,7 @@ def compare_once(args, batch_size: int, work: Path) -> dict:
     ours = run_ours_cli(args, batch_size, work)
     model, task = load_ours(args.checkpoint, args.tsv, args.task, args.bpe_dir, args.selected_cols, args.overrides)
     report = {"batch_size": batch_size, "source_lengths_per_batch": source_lengths(task, batch_size),
+              "ofa_predictions": ofa["predictions"],
               "predictions_total": len(ofa["predictions"]),
               "predictions_equal": predictions_equal(ofa["predictions"], ours["predictions"]),
               "ofa_observer_changed_nothing": ofa.get("plain_predictions", ofa["predictions"]) == ofa["predictions"]}
@@ -260,6 +261,18 @@ def compare_once(args, batch_size: int, work: Path) -> dict:
     return report, fixture
 
 
+def rotate_images(tsv: Path, column: int, out: Path) -> Path:
+    """A copy of `tsv` in which row i holds row i+1's image (the last row the first's)."""
+    lines = tsv.read_text(encoding="utf-8").rstrip("\n").split("\n")
+    rows = [line.split("\t") for line in lines]
+    images = [row[column] for row in rows]
+    for i, row in enumerate(rows):
+        row[column] = images[(i + 1) % len(rows)]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("".join("\t".join(row) + "\n" for row in rows), encoding="utf-8")
+    return out
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("task", choices=sorted(SELECTED_COLS))
@@ -277,6 +290,9 @@ def parse_args(argv=None):
     parser.add_argument("--work-dir", type=Path, help="outputs of both runs (default: a temporary folder)")
     parser.add_argument("--skip-plain", action="store_true",
                         help="run OFA only through the observer (not also plainly)")
+    parser.add_argument("--rotate-images", action="store_true",
+                        help="evaluate a copy of the TSV where each row takes the next row's image: run with "
+                             "and without to see whether the predictions depend on the image")
     parser.add_argument("--out", type=Path, help="JSON report")
     parser.add_argument("--fixture", type=Path, help="write OFA's side as a test fixture (JSON)")
     args = parser.parse_args(argv)
@@ -295,12 +311,14 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     work = (args.work_dir or Path(tempfile.mkdtemp(prefix="ofa_harness_"))).resolve()
+    if args.rotate_images:
+        args.tsv = rotate_images(args.tsv, int(args.selected_cols.split(",")[1]), work / f"rotated_{args.tsv.name}")
     reports, fixtures = [], []
     for batch_size in args.batch_size:
         report, fixture = compare_once(args, batch_size, work / f"{args.task}_b{batch_size}")
         reports.append(report)
         fixtures.append(fixture)
-        print(json.dumps(report), flush=True)
+        print(json.dumps({k: v for k, v in report.items() if k != "ofa_predictions"}), flush=True)
     header = {"task": args.task, "tsv": str(args.tsv), "tsv_sha256": sha256(args.tsv),
               "checkpoint": str(args.checkpoint), "checkpoint_sha256": sha256(args.checkpoint),
               "checkpoint_weights_digest": weights_digest(args.checkpoint),

@@ -76,6 +76,14 @@ PY
     echo "$OFA_COMMIT" > "$PEER/src/.ofa-commit"
     log "OFA source at $PEER/src (commit $OFA_COMMIT, 2 patches)"
 fi
+# Patch 3, for train.py only (tools/ofa_harness/train_ofa_snli_ve.sh): with SNLI-VE's constraint
+# masks, the training criterion assigns into the tuple the model returns (`net_output[0] = ...`, a
+# TypeError at this commit); mask in place instead, as the criterion did before. Same values.
+CRIT=$PEER/src/criterions/label_smoothed_cross_entropy.py
+if grep -q 'net_output\[0\] = net_output\[0\].masked_fill(~constraint_masks, -math.inf)' "$CRIT"; then
+    sed -i 's/net_output\[0\] = net_output\[0\].masked_fill(~constraint_masks, -math.inf)/net_output[0].masked_fill_(~constraint_masks, -math.inf)/' "$CRIT"
+    log "patched $CRIT (in-place constraint mask)"
+fi
 
 # --- 2. Python 3.8 venv ------------------------------------------------------------------------
 PY38=${OFA_PYTHON:-}
