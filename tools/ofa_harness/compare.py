@@ -230,7 +230,8 @@ def caption_cider(predictions: list, tsv: Path, selected_cols: str) -> float:
                           [[strip_punctuation(r.lower()).strip() for r in refs[i]] for i in ids], False)["cider_d"]
 
 
-def compare_once(args, batch_size: int, work: Path) -> dict:
+def compare_once(args, batch_size: int, work: Path) -> tuple:
+    """(report, fixture) for one batch size: both sides run, OFA's side kept as the fixture."""
     work.mkdir(parents=True, exist_ok=True)
     print(f"[{args.task} batch {batch_size}] OFA's evaluate.py ...", flush=True)
     ofa = run_ofa(args, batch_size, work)
@@ -262,12 +263,17 @@ def compare_once(args, batch_size: int, work: Path) -> dict:
 
 
 def rotate_images(tsv: Path, column: int, out: Path) -> Path:
-    """A copy of `tsv` in which row i holds row i+1's image (the last row the first's)."""
+    """A copy of `tsv` in which row i holds row i+k's image (cyclically), k the smallest shift that
+    gives every row another image (rows of one image are often adjacent)."""
     lines = tsv.read_text(encoding="utf-8").rstrip("\n").split("\n")
     rows = [line.split("\t") for line in lines]
     images = [row[column] for row in rows]
+    n = len(rows)
+    shifts = [k for k in range(1, n) if all(images[i] != images[(i + k) % n] for i in range(n))]
+    if not shifts:
+        sys.exit(f"--rotate-images: {tsv} has no shift that changes every row's image")
     for i, row in enumerate(rows):
-        row[column] = images[(i + 1) % len(rows)]
+        row[column] = images[(i + shifts[0]) % n]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("".join("\t".join(row) + "\n" for row in rows), encoding="utf-8")
     return out
