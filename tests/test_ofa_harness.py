@@ -21,7 +21,9 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from functools import lru_cache
+from pathlib import Path
 
 import pytest
 import torch
@@ -52,8 +54,7 @@ def recorded(name: str) -> dict:
 @lru_cache(maxsize=None)
 def rebuilt(variant: str) -> str:
     """The interop checkpoint OFA evaluated, rebuilt from its committed small file."""
-    out = REPO / "work_dirs" / "test_ofa_harness" / f"interop_{variant}.pt"
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = Path(tempfile.mkdtemp(prefix="ofa_harness_")) / f"interop_{variant}.pt"
     interop.rebuild(str(require_file(FIXTURES / f"interop_{variant}.pt")), str(out))
     return str(out)
 
