@@ -16,9 +16,11 @@ log-softmax values of up to ~11 in magnitude from a 59,457-way softmax computed 
 with another summation order, 32 float32 ulps of their magnitude (3.8e-5 at 10). Tokens, answers and
 result files exactly: the recorded top-2 gaps are >= 8.6e-4, far above float32 noise.
 """
+import atexit
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -34,6 +36,8 @@ FIXTURES = REPO / "tests" / "fixtures" / "ofa_harness"
 HARNESS = REPO / "tools" / "ofa_harness"
 SCORE_TOL = 1e-5
 ULP32 = torch.finfo(torch.float32).eps
+REBUILT_DIR = Path(tempfile.mkdtemp(prefix="ofa_harness_"))  # 40 MB per checkpoint, removed at exit
+atexit.register(shutil.rmtree, REBUILT_DIR, True)
 
 
 def harness(name: str):
@@ -54,7 +58,7 @@ def recorded(name: str) -> dict:
 @lru_cache(maxsize=None)
 def rebuilt(variant: str) -> str:
     """The interop checkpoint OFA evaluated, rebuilt from its committed small file."""
-    out = Path(tempfile.mkdtemp(prefix="ofa_harness_")) / f"interop_{variant}.pt"
+    out = REBUILT_DIR / f"interop_{variant}.pt"
     interop.rebuild(str(require_file(FIXTURES / f"interop_{variant}.pt")), str(out))
     return str(out)
 
