@@ -10,6 +10,7 @@ from fairseq.dataclass.utils import gen_parser_from_dataclass
 from fairseq.models import register_model, register_model_architecture
 
 from mue_fairseq.exits.config import MuEConfig
+from mue_fairseq.ofa.checkpoint import OFA_ARCHITECTURES
 from mue_fairseq.ofa.model import (
     OFAModel,
     ofa_base_architecture,
@@ -41,6 +42,7 @@ class MuEOFAModel(OFAModel):
     @classmethod
     def build_model(cls, args, task):
         MuEConfig.from_namespace(args)  # a bad option fails before anything is built
+        record_ofa_architecture(args)
         return super().build_model(args, task)
 
     @classmethod
@@ -63,6 +65,23 @@ class MuEOFAModel(OFAModel):
             setattr(self.mue, f.name, getattr(updated, f.name))
             setattr(self.args, f.name, getattr(updated, f.name))
         return self.mue
+
+
+# The OFA architecture whose defaults each MuE architecture applies.
+OFA_ARCHITECTURE_OF = {"mue_ofa": "ofa_large", **{f"mue_{arch}": arch for arch in OFA_ARCHITECTURES}}
+
+
+def record_ofa_architecture(args) -> None:
+    """Name the model by its OFA architecture in `args`, which fairseq-train saves as `cfg.model`.
+
+    OFA's own code knows no `mue_ofa*` name and cannot build a model from a checkpoint that records
+    one; under OFA's name (MuE adds no parameters) OFA's `evaluate.py` loads it, and our tasks
+    still build `mue_ofa` from it because the saved `mue_*` options are there (OFATask.build_model).
+    The architecture only fills defaults, and every size is recorded, so nothing else changes.
+    """
+    arch = OFA_ARCHITECTURE_OF.get(getattr(args, "arch", None), getattr(args, "arch", None))
+    if arch in OFA_ARCHITECTURES:
+        args.arch = args._name = arch
 
 
 def _with_mue_defaults(preset):

@@ -215,7 +215,9 @@ class OFATask(FairseqTask):
                 "gives other outputs than OFA's until fine-tuned with the layer-wise loss, unless "
                 "--mue-encoder-mode joint)", arch,
             )
-            cfg._name = cfg.arch = "mue_ofa"
+            # fairseq builds the model type `_name` names; `arch` keeps the OFA size for the saved file
+            cfg._name = "mue_ofa"
+            cfg.arch = arch
         return super().build_model(cfg, from_checkpoint)
 
     def check_fits_model(self, model_cfg) -> None:
