@@ -151,7 +151,7 @@ def test_fairseq_train_validates_and_evaluate_cli_agrees(refcoco_checkpoint, tmp
     # Full-depth evaluation reproduces the validation's Acc@0.5.
     full = cli_main(refcoco_checkpoint.eval_args() + EVAL_GENERATION + ["--results-path", str(tmp_path / "full"),
                                                                      "--no-plots"])
-    assert full.scores["accuracy"] == pytest.approx(100 * validation_score)
+    assert full.scores["accuracy"] == pytest.approx(100 * validation_score, abs=0.005)  # logged to 4 digits
 
 
 def test_constraint_range_keeps_boxes_to_location_tokens(refcoco_checkpoint, tmp_path):
@@ -193,3 +193,36 @@ def test_fairseq_generate_prints_location_tokens(refcoco_checkpoint, capsys):
     # Four tokens each; bos and unk (which OFA's range keeps) print as nothing / <unk>, the rest as bins.
     words = [text.split() for _, _, text in hypotheses]
     assert all(3 <= len(w) <= 4 and all(x.startswith("<bin_") or x == "<unk>" for x in w) for w in words)
+
+
+def test_synthetic_grounding_boxes_enclose_their_objects(tmp_path):
+    import base64
+    import io
+
+    from PIL import Image
+
+    from data_utils.synthetic_task import COLORS
+    from data_utils.synthetic_vqa_grounding import build_vqa_grounding_task
+
+    paths = build_vqa_grounding_task(str(tmp_path), seed=5, num_train=1, num_valid=12, num_test=1,
+                                     expressions_per_image=3)
+    meta = [json.loads(line) for line in open(paths["refcoco_valid_meta"])]
+    checked = 0
+    for row, info in zip(open(paths["refcoco_valid"]).read().splitlines(), meta):
+        uid, _, text, region, image_b64 = row.split("\t")
+        assert uid == info["uniq_id"]
+        image = Image.open(io.BytesIO(base64.b64decode(image_b64))).convert("RGB")
+        assert image.size == (info["width"], info["height"])
+        x0, y0, x1, y1 = map(float, region.split(","))
+        assert 0 <= x0 < x1 <= image.width and 0 <= y0 < y1 <= image.height
+        shape = text.split()[{1: 1, 2: 2, 3: 3}[info["level"]]]
+        size, color, _, _ = next(o for o in info["objects"] if o.split()[2] == shape).split()
+        assert (info["level"] < 2 or color in text) and (info["level"] < 3 or size in text)
+        if color in COLORS:  # filled: its pixels (in the box grown by 2 px) span the box, to a pixel or two
+            pixels = np.array(image)[max(int(y0) - 2, 0): int(y1) + 3, max(int(x0) - 2, 0): int(x1) + 3]
+            ys, xs = np.nonzero(np.all(pixels == COLORS[color], axis=2))
+            left, top = max(int(x0) - 2, 0), max(int(y0) - 2, 0)
+            assert abs(left + xs.min() - x0) <= 2 and abs(left + xs.max() + 1 - x1) <= 2
+            assert abs(top + ys.min() - y0) <= 2 and abs(top + ys.max() + 1 - y1) <= 2
+            checked += 1
+    assert checked >= 3
