@@ -1,0 +1,123 @@
+"""Parity with OFA itself on refcoco and vqa_gen: tiny checkpoints written by OFA's train.py and what
+OFA's evaluate.py produced with them (tools/record_ofa_vqa_grounding.sh; the fixture folder is
+``../shared/ofa_vqa_grounding``). The checkpoints load strictly; boxes, answers and the score line
+must be identical, beam hypotheses token for token with scores to 1e-5, candidate scores to 1e-5."""
+import json
+import re
+
+import pytest
+import torch
+
+from ofa_fixtures import BPE_DIR, SHARED, require_file
+
+import mue_fairseq  # noqa: F401
+
+FIXTURES = SHARED / "ofa_vqa_grounding"
+PLUGIN = str(mue_fairseq.__path__[0])
+REFCOCO_GENERATION = ["--beam", "5", "--min-len", "4", "--max-len-a", "0", "--max-len-b", "4",
+                      "--no-repeat-ngram-size", "3"]
+VQA_BEAM = ["--beam-search-vqa-eval", "--beam", "5", "--unnormalized", "--temperature", "1.0"]
+
+
+def fixture(name: str):
+    require_file(BPE_DIR)
+    return require_file(FIXTURES / name)
+
+
+def ofa_score(run: str) -> float:
+    """The score of OFA's log line ``score_sum: ..., score_cnt: ..., score: S``."""
+    match = re.search(r"score_sum: .*score: ([0-9.]+)", fixture(f"{run}/evaluate.log").read_text())
+    assert match, f"no score line in {FIXTURES / run / 'evaluate.log'}"
+    return float(match.group(1))
+
+
+def ofa_json(run: str, name: str):
+    return json.loads(fixture(f"{run}/{name}").read_text())
+
+
+def eval_argv(task: str, batch_size: int, extra=()):
+    if task == "refcoco":
+        tsv, checkpoint, overrides = "refcoco_test.tsv", "ofa_tiny_refcoco.pt", {"selected_cols": "0,4,2,3"}
+    else:
+        tsv, checkpoint = "vqa_gen_test.tsv", "ofa_tiny_vqa_gen.pt"
+        overrides = {"selected_cols": "0,5,2,3,4", "ans2label_file": str(fixture("vqa_ans2label.pkl"))}
+    overrides["bpe_dir"] = str(BPE_DIR)
+    return [str(fixture(tsv)), "--path", str(fixture(checkpoint)), "--user-dir", PLUGIN, "--task", task,
+            "--gen-subset", "test", "--batch-size", str(batch_size), "--cpu", "--num-workers", "0",
+            "--log-format", "none", "--model-overrides", repr(overrides), *extra]
+
+
+def run_cli(argv, results):
+    from mue_fairseq.cli.evaluate import cli_main
+
+    result = cli_main(argv + ["--results-path", str(results), "--no-plots"])
+    return result, json.loads((results / "test_predict.json").read_text())
+
+
+def batches(task_name: str, batch_size: int, extra=()):
+    """(models, task, cfg, batches of the test split) loaded as the evaluate CLI loads them."""
+    from mue_fairseq.cli.evaluate import load_for_evaluation, parse_evaluation_args
+
+    models, task, cfg = load_for_evaluation(parse_evaluation_args(eval_argv(task_name, batch_size, extra)))
+    task.load_dataset("test")
+    dataset = task.datasets["test"]
+    samples = [dataset.collater([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+               for start in range(0, len(dataset), batch_size)]
+    return models, task, cfg, samples
+
+
+def assert_same_hypotheses(ours, recorded, sample_id):
+    theirs = recorded[str(sample_id)]
+    assert len(ours) == len(theirs), f"sample {sample_id}: {len(ours)} beams, OFA {len(theirs)}"
+    for beam, (mine, ofa) in enumerate(zip(ours, theirs)):
+        assert mine["tokens"].tolist() == ofa["tokens"], f"sample {sample_id} beam {beam}"
+        assert float(mine["score"]) == pytest.approx(ofa["score"], abs=1e-5)
+        assert mine["positional_scores"].tolist() == pytest.approx(ofa["positional_scores"], abs=1e-5)
+
+
+# --------------------------------------------------------------------------- refcoco
+@pytest.mark.parametrize("batch_size", [1, 4])
+def test_refcoco_boxes_and_score_match_ofa(tmp_path, batch_size):
+    result, predictions = run_cli(eval_argv("refcoco", batch_size, REFCOCO_GENERATION), tmp_path)
+    assert predictions == ofa_json("refcoco", "test_predict.json")  # float32 boxes, bit for bit
+    assert result.scores["accuracy"] == pytest.approx(100 * ofa_score("refcoco"), abs=1e-9)
+
+
+def test_refcoco_beam_hypotheses_match_ofa():
+    models, task, cfg, samples = batches("refcoco", 1, REFCOCO_GENERATION)
+    recorded = ofa_json("refcoco", "outputs.json")["hypotheses"]
+    generator = task.build_generator(models, cfg.generation)
+    for sample in samples:
+        hypos = task.inference_step(generator, models, sample)
+        for sample_id, beams in zip(sample["id"].tolist(), hypos):
+            assert_same_hypotheses(beams, recorded, sample_id)
+    assert len(recorded) == sum(len(s["id"]) for s in samples)
+
+
+# --------------------------------------------------------------------------- vqa_gen
+@pytest.mark.parametrize("mode", ["allcand", "beam"])
+def test_vqa_answers_and_score_match_ofa(tmp_path, mode):
+    result, predictions = run_cli(eval_argv("vqa_gen", 4, VQA_BEAM if mode == "beam" else ()), tmp_path)
+    assert predictions == ofa_json(f"vqa_gen_{mode}", "test_predict.json")
+    assert result.scores["accuracy"] == pytest.approx(100 * ofa_score(f"vqa_gen_{mode}"), abs=1e-9)
+
+
+def test_vqa_candidate_scores_match_ofa():
+    models, task, _, samples = batches("vqa_gen", 4)
+    recorded = ofa_json("vqa_gen_allcand", "outputs.json")
+    assert [task.index2ans[i] for i in range(len(task.index2ans))] == recorded["candidates"]
+    with torch.no_grad():
+        for sample in samples:
+            scores = task.score_answers(models[0], sample)
+            for sample_id, row in zip(sample["id"].tolist(), scores.tolist()):
+                assert row == pytest.approx(recorded["candidate_scores"][str(sample_id)], abs=1e-5)
+
+
+def test_vqa_beam_hypotheses_match_ofa():
+    models, task, cfg, samples = batches("vqa_gen", 4, VQA_BEAM)
+    recorded = ofa_json("vqa_gen_beam", "outputs.json")["hypotheses"]
+    generator = task.build_generator(models, cfg.generation)
+    for sample in samples:
+        hypos = task.inference_step(generator, models, sample)
+        for sample_id, beams in zip(sample["id"].tolist(), hypos):
+            assert_same_hypotheses(beams, recorded, sample_id)
