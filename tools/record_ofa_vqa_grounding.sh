@@ -9,7 +9,8 @@
 #               do not touch the model: evaluate.py's score accumulators stay on the CPU without CUDA, and
 #               the criterion masks constraint logits in place (it assigns into a tuple: a TypeError)
 #   data/       refcoco_*.tsv, vqa_gen_*.tsv, vqa_ans2label.pkl (data_utils.synthetic_vqa_grounding)
-#   refcoco/    checkpoint_last.pt written by OFA's train.py (ofa_tiny cut down, 10 updates), and
+#   refcoco/    checkpoint_last.pt written by OFA's train.py (ofa_tiny cut down to d=32, 2+2 layers;
+#               $UPDATES updates, default 80, on $NUM_TRAIN training images, default 32), and
 #               OFA's evaluate.py outputs on refcoco_test.tsv: test_predict.json, evaluate.log and
 #               outputs.json (every beam hypothesis: tokens, score, positional scores)
 #   vqa_gen/    the same for vqa_gen: evaluate_allcand/ and evaluate_beam/ (--beam-search-vqa-eval)
@@ -39,7 +40,7 @@ if [ ! -f "$OUT/src/train.py" ]; then
         || { echo "criterion patch failed" >&2; exit 2; }
 fi
 [ -f "$OUT/data/vqa_ans2label.pkl" ] || (cd "$ROOT" && PYTHONPATH=$ROOT "$OUR_PY" -m data_utils.synthetic_vqa_grounding \
-    --out-dir "$OUT/data" --seed 7 --num-train 8 --num-valid 4 --num-test 6 >/dev/null)
+    --out-dir "$OUT/data" --seed 7 --num-train "${NUM_TRAIN:-32}" --num-valid 4 --num-test 6 >/dev/null)
 
 MODEL=(--arch=ofa_tiny --encoder-embed-dim=32 --decoder-embed-dim=32 --encoder-ffn-embed-dim=64
        --decoder-ffn-embed-dim=64 --encoder-layers=2 --decoder-layers=2 --encoder-attention-heads=2
@@ -49,7 +50,7 @@ MODEL=(--arch=ofa_tiny --encoder-embed-dim=32 --decoder-embed-dim=32 --encoder-f
        --add-type-embedding --scale-attn --scale-fc --scale-heads --disable-entangle --dropout=0.1
        --attention-dropout=0.0)
 TRAIN=(--bpe-dir="$BPE_DIR" --user-dir=../../ofa_module --criterion=adjust_label_smoothed_cross_entropy
-       --label-smoothing=0.1 --optimizer=adam --adam-betas="(0.9,0.999)" --lr=3e-3 --max-update=10 --batch-size=4
+       --label-smoothing=0.1 --optimizer=adam --adam-betas="(0.9,0.999)" --lr=3e-3 --max-update="${UPDATES:-80}" --batch-size=8
        --cpu --num-workers=0 --seed=1 --log-format=simple --log-interval=1 --disable-validation
        --no-epoch-checkpoints --no-save-optimizer-state --max-src-length=40 --max-tgt-length=10 --num-bins=1000)
 EVAL=(--user-dir=../../ofa_module --batch-size=4 --log-format=simple --log-interval=1 --seed=7 --cpu
@@ -58,9 +59,10 @@ EVAL=(--user-dir=../../ofa_module --batch-size=4 --log-format=simple --log-inter
 # ---- refcoco
 cd "$OUT/src/run_scripts/refcoco"
 if [ ! -f "$OUT/refcoco/checkpoint_last.pt" ]; then
+    mkdir -p "$OUT/refcoco"
     "$OFA_PY" ../../train.py "$OUT/data/refcoco_train.tsv,$OUT/data/refcoco_valid.tsv" --task=refcoco \
         --selected-cols=0,4,2,3 --max-image-size=64 "${MODEL[@]}" "${TRAIN[@]}" --save-dir="$OUT/refcoco" \
-        > "$OUT/refcoco/train.log" 2>&1 || { mkdir -p "$OUT/refcoco"; tail -30 "$OUT/refcoco/train.log"; exit 1; }
+        > "$OUT/refcoco/train.log" 2>&1 || { tail -30 "$OUT/refcoco/train.log"; exit 1; }
 fi
 mkdir -p "$OUT/refcoco/evaluate"
 # --batch-size=1: at this commit evaluate.py tests `if scores and ...` on refcoco's score tensor, which
