@@ -80,11 +80,23 @@ def assert_same_hypotheses(ours, recorded, sample_id):
 
 
 # --------------------------------------------------------------------------- refcoco
-@pytest.mark.parametrize("batch_size", [1, 4])
-def test_refcoco_boxes_and_score_match_ofa(tmp_path, batch_size):
-    result, predictions = run_cli(eval_argv("refcoco", batch_size, REFCOCO_GENERATION), tmp_path)
+# The MuE model (same file, loaded as mue_ofa) with every exit off: joint encoder, thresholds at 1.
+MUE_EXITS_OFF = ["--mue-encoder-mode", "joint"]
+
+
+def assert_full_depth(results, layers=2):
+    samples = json.loads((results / "test_exit_stats.json").read_text())["samples"]
+    assert samples and all(s["text_layers"] == layers and set(s["decoder_layers"]) == {layers} for s in samples)
+
+
+@pytest.mark.parametrize("batch_size, mue", [(1, False), (4, False), (4, True)])
+def test_refcoco_boxes_and_score_match_ofa(tmp_path, batch_size, mue):
+    extra = REFCOCO_GENERATION + (MUE_EXITS_OFF if mue else [])
+    result, predictions = run_cli(eval_argv("refcoco", batch_size, extra), tmp_path)
     assert predictions == ofa_json("refcoco", "test_predict.json")  # float32 boxes, bit for bit
     assert result.scores["accuracy"] == pytest.approx(100 * ofa_score("refcoco"), abs=1e-9)
+    if mue:
+        assert_full_depth(tmp_path)
 
 
 def test_refcoco_beam_hypotheses_match_ofa():
@@ -100,10 +112,14 @@ def test_refcoco_beam_hypotheses_match_ofa():
 
 # --------------------------------------------------------------------------- vqa_gen
 @pytest.mark.parametrize("mode", ["allcand", "beam"])
-def test_vqa_answers_and_score_match_ofa(tmp_path, mode):
-    result, predictions = run_cli(eval_argv("vqa_gen", 4, VQA_BEAM if mode == "beam" else ()), tmp_path)
+@pytest.mark.parametrize("mue", [False, True])
+def test_vqa_answers_and_score_match_ofa(tmp_path, mode, mue):
+    extra = (VQA_BEAM if mode == "beam" else []) + (MUE_EXITS_OFF if mue else [])
+    result, predictions = run_cli(eval_argv("vqa_gen", 4, extra), tmp_path)
     assert predictions == ofa_json(f"vqa_gen_{mode}", "test_predict.json")
     assert result.scores["accuracy"] == pytest.approx(100 * ofa_score(f"vqa_gen_{mode}"), abs=1e-9)
+    if mue:
+        assert_full_depth(tmp_path)
 
 
 def test_vqa_candidate_scores_match_ofa():
@@ -125,3 +141,33 @@ def test_vqa_beam_hypotheses_match_ofa():
         hypos = task.inference_step(generator, models, sample)
         for sample_id, beams in zip(sample["id"].tolist(), hypos):
             assert_same_hypotheses(beams, recorded, sample_id)
+
+
+# --------------------------------------------------------------------------- validation (fairseq-validate)
+@pytest.mark.parametrize("task", ["refcoco", "vqa_gen"])
+def test_validation_score_matches_ofa(task):
+    """The task's valid_step (what fairseq-train validates with) scores OFA's test rows as OFA's evaluate.py."""
+    import ast
+    import os
+    import subprocess
+    import sys
+
+    argv = eval_argv(task, 4)
+    overrides = ast.literal_eval(argv[argv.index("--model-overrides") + 1])
+    if task == "refcoco":
+        overrides.update(eval_acc=True, eval_args=json.dumps(
+            {"beam": 5, "min_len": 4, "max_len_a": 0, "max_len_b": 4, "no_repeat_ngram_size": 3}))
+    argv[argv.index("--model-overrides") + 1] = repr(overrides)
+    argv[argv.index("--gen-subset")] = "--valid-subset"
+    argv[argv.index("--log-format") + 1] = "simple"
+    repo = os.path.dirname(PLUGIN)
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-m", "fairseq_cli.validate", *argv], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    metric = "score" if task == "refcoco" else "vqa_score"
+    match = re.search(rf"valid on 'test' subset .*\| {metric} ([0-9.]+) ", out.stdout + out.stderr)
+    assert match, (out.stdout + out.stderr)[-3000:]
+    run = "refcoco" if task == "refcoco" else "vqa_gen_allcand"
+    assert float(match.group(1)) == round(ofa_score(run), 4)  # fairseq logs it to 4 digits, as OFA
