@@ -102,5 +102,26 @@ cp "$OUT/vqa_gen/checkpoint_last.pt" "$F/ofa_tiny_vqa_gen.pt"
 cp "$OUT/data/refcoco_test.tsv" "$OUT/data/vqa_gen_test.tsv" "$OUT/data/vqa_ans2label.pkl" "$F/"
 cp "$OUT/refcoco/evaluate/"{test_predict.json,outputs.json,evaluate.log} "$F/refcoco/"
 for mode in allcand beam; do cp "$OUT/vqa_gen/evaluate_$mode/"{test_predict.json,outputs.json,evaluate.log} "$F/vqa_gen_$mode/"; done
+cat > "$F/README.md" <<README
+# OFA refcoco / vqa_gen fixtures (tiny checkpoints written by OFA's train.py, OFA's evaluate.py outputs)
+
+Made by \`tools/record_ofa_vqa_grounding.sh\` (mue-fairseq) with OFA-Sys/OFA at \`$OFA_COMMIT\` and its
+fairseq fork ($("$OFA_PY" -c 'import sys, torch; print("Python", sys.version.split()[0] + ", torch", torch.__version__)'),
+CPU, float32, one thread). Data: \`data_utils.synthetic_vqa_grounding\` (seed 7, ${NUM_TRAIN:-32} training images).
+Two patches to OFA's tree, none in the model: evaluate.py keeps its score accumulators on the CPU, and the
+criterion masks constraint logits in place (its tuple assignment is a TypeError with constraint masks).
+
+| file | what |
+| --- | --- |
+| ofa_tiny_refcoco.pt, ofa_tiny_vqa_gen.pt | checkpoint_last.pt of OFA's train.py: ofa_tiny at d=32, 2+2 layers, resnet18, 64 px, ${UPDATES:-80} Adam updates |
+| refcoco_test.tsv, vqa_gen_test.tsv, vqa_ans2label.pkl | the evaluated rows (selected cols 0,4,2,3 / 0,5,2,3,4) and the candidate answers |
+| refcoco/ | evaluate.py --beam=5 --min-len=4 --max-len-a=0 --max-len-b=4 --no-repeat-ngram-size=3 --batch-size=1 |
+| vqa_gen_allcand/, vqa_gen_beam/ | evaluate.py --batch-size=4, all-candidate scoring / --beam-search-vqa-eval --beam=5 --unnormalized |
+| */test_predict.json, */evaluate.log | OFA's result file and log (score line) |
+| */outputs.json | observed (tools/ofa_observe_generation.py): every beam hypothesis (tokens, score, positional scores) and the vqa candidate score matrix |
+
+refcoco runs at batch size 1: at this commit evaluate.py tests \`if scores and ...\` on refcoco's score tensor,
+which raises for a batch of more than one row.
+README
 (cd "$F" && find . -type f ! -name SHA256SUMS | sort | xargs sha256sum > SHA256SUMS)
 echo "fixtures in $F"
