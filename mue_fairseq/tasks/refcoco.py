@@ -19,8 +19,8 @@ import torch
 from fairseq import metrics
 from fairseq.tasks import register_task
 
-from mue_fairseq.data.ofa_bpe import SymbolAwareGPT2BPE
 from mue_fairseq.data.location_tokens import bin_offset, bins_to_boxes, box_hits
+from mue_fairseq.data.ofa_bpe import SymbolAwareGPT2BPE
 from mue_fairseq.data.refcoco_dataset import RefcocoDataset
 from mue_fairseq.tasks.caption import _parse_json_option
 from mue_fairseq.tasks.exit_validation import exit_logging, full_depth, has_exits, reduce_exit_metrics, timed
