@@ -67,6 +67,9 @@ def add_mue_arguments(parser: argparse.ArgumentParser) -> None:
             group.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=help_text)
     parser.add_argument("--snli-mode", choices=["score", "generate"], default="score",
                         help="SNLI-VE: OFA's answer scoring, or constrained generation of the answer")
+    parser.add_argument("--beam-search-vqa-eval", action="store_true",
+                        help="vqa_gen: answer by constrained beam search instead of scoring every candidate "
+                        "(OFA's evaluate.py option; it sets val_inference_type)")
     parser.add_argument("--no-plots", action="store_true", help="do not draw exit-layer histograms")
     parser.add_argument("--official-caption-scores", action="store_true",
                         help="also score captions with pycocoevalcap (Java): BLEU, METEOR, ROUGE-L, CIDEr")
@@ -93,6 +96,8 @@ def load_for_evaluation(args: argparse.Namespace):
         overrides["data"] = args.data
     # fairseq's generation parser defaults to translation, which means no --task was given.
     asked_task = args.task if args.task != "translation" else None
+    if asked_task == "vqa_gen":  # as OFA's evaluate.py: the flag decides vqa_gen's inference type
+        overrides["val_inference_type"] = "beamsearch" if getattr(args, "beam_search_vqa_eval", False) else "allcand"
     models, _, task = load_ofa_ensemble(utils.split_paths(cfg.common_eval.path), arg_overrides=overrides,
                                         task_name=asked_task)
     # A task option, which the checkpoint's task config (OFA's: no such field) cannot carry.
@@ -162,11 +167,11 @@ def run_evaluation(models, task, cfg, subset: Optional[str] = None, snli_mode: s
     is_snli = hasattr(task, "score_answers")
     # The FLOP model describes generation; SNLI-VE scoring (one teacher-forced pass over prompt and
     # candidates) is reported by layer counts and wall-clock only.
-    scoring = is_snli and snli_mode == "score"
+    scoring = _scores_candidates(task, snli_mode)
     stats = ExitStatistics.for_model(model, image_size=None if scoring else task.cfg.patch_image_size,
                                      beam=1 if is_snli else beam)
     generator = None
-    if not is_snli or snli_mode == "generate":
+    if not scoring:
         generator = task.build_generator(models, cfg.generation)
     batches: List[BatchOutput] = []
     error = None
@@ -198,7 +203,7 @@ def run_evaluation(models, task, cfg, subset: Optional[str] = None, snli_mode: s
         merged_stats.add_wall_clock(batch.seconds, batch.num_samples)
     scores = None
     if processes.is_main:  # once (pycocoevalcap starts a JVM); every rank gets the same scores
-        if is_snli:
+        if is_snli or hasattr(task, "evaluation_rows"):
             scores = {"accuracy": 100.0 * sum(correct) / max(len(correct), 1)}
         else:
             scores = caption_scores(hyps, refs, official_caption_scores)
@@ -237,10 +242,16 @@ def _evaluate_batch(task, models, generator, cfg, stats, sample, use_cuda: bool,
         elapsed = time.perf_counter() - start
         if "exit_layers" in hypos[0][0]:
             stats.add_generated(sample, hypos)
-        answers = (task.generated_answers(sample, hypos) if is_snli
-                   else [task.decode(h[0]["tokens"]).strip() for h in hypos])
+        if hasattr(task, "evaluation_rows"):
+            answers = hypos
+        else:
+            answers = (task.generated_answers(sample, hypos) if is_snli
+                       else [task.decode(h[0]["tokens"]).strip() for h in hypos])
     out = BatchOutput([], [], [], [], stats.samples[first_exit:], elapsed, list(sample.get("truncated_images", [])))
-    if is_snli:
+    if hasattr(task, "evaluation_rows"):
+        # Tasks with their own prediction rows and per-row scores (refcoco, vqa_gen), as OFA writes them.
+        out.predictions, out.correct = task.evaluation_rows(sample, answers)
+    elif is_snli:
         for sample_id, answer, ref_dict in zip(ids, answers, sample["ref_dict"]):
             out.predictions.append({"uniq_id": sample_id, "answer": answer})
             out.correct.append(ref_dict.get(answer, 0))
@@ -254,6 +265,14 @@ def _evaluate_batch(task, models, generator, cfg, stats, sample, use_cuda: bool,
             target = utils.strip_pad(sample["target"][i], task.tgt_dict.pad())
             out.refs.append([strip_punctuation(r).strip() for r in task.decode(target).split("&&")])
     return out
+
+
+def _scores_candidates(task, snli_mode: str) -> bool:
+    """Whether answers come from scoring every candidate in one pass (SNLI-VE's default, vqa_gen's
+    allcand) rather than from generation."""
+    if hasattr(task, "answers_by_scoring"):
+        return task.answers_by_scoring
+    return hasattr(task, "score_answers") and snli_mode == "score"
 
 
 def caption_scores(hyps: List[str], refs: List[List[str]], official: bool) -> Dict[str, float]:

@@ -87,3 +87,27 @@ def decode_tokens(
             # GPT-2's byte-level alphabet writes a leading space as this character.
             pieces.append(_GPT2_SPACE + symbol)
     return bpe.bpe.decode(pieces)
+
+
+class SymbolAwareGPT2BPE:
+    """GPT-2 BPE whose ``decode`` passes OFA's added symbols (``<bin_i>``, ``<code_i>``) through as
+    words, so fairseq-generate can print location tokens (fairseq's decode reads every non-special
+    symbol as a BPE id)."""
+
+    def __init__(self, bpe: GPT2BPE):
+        self.bpe_model = bpe
+
+    def encode(self, text: str) -> str:
+        return self.bpe_model.encode(text)
+
+    def decode(self, text: str) -> str:
+        pieces: List[Union[int, str]] = []
+        for symbol in text.split():
+            if symbol.isdigit():
+                pieces.append(int(symbol))
+            else:
+                pieces.append(symbol if symbol in ("<unk>", "<mask>") else _GPT2_SPACE + symbol)
+        return self.bpe_model.bpe.decode(pieces).strip()
+
+    def is_beginning_of_word(self, x: str) -> bool:
+        return self.bpe_model.is_beginning_of_word(x)

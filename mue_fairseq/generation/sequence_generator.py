@@ -1,8 +1,9 @@
 """OFA's sequence generator as a thin subclass of fairseq's.
 
 OFA differs from stock fairseq in two ways that matter for these tasks: decoding starts from
-bos (not eos), and an optional answer trie restricts each step's logits *before* the
-log-softmax, so the allowed tokens are renormalised among themselves.
+bos (not eos), and an optional answer trie or ``--constraint-range start,end`` restricts each
+step's logits *before* the log-softmax, so the allowed tokens are renormalised among themselves
+(the range keeps the specials 0-3 and ids ``start..end-1``, as OFA's generator does).
 """
 import math
 from typing import Dict, List, Optional
@@ -17,10 +18,14 @@ from mue_fairseq.generation.ngram_blocking import RepeatedNGramBlocker
 class OFAEnsembleModel(EnsembleModel):
     """fairseq's ensemble wrapper with OFA's constraint-trie masking of the last-step logits."""
 
-    def __init__(self, models, constraint_trie=None):
+    def __init__(self, models, constraint_trie=None, constraint_range=None):
         super().__init__(models)
+        if constraint_trie is not None and constraint_range is not None:
+            raise ValueError("an answer trie and --constraint-range exclude each other (OFA's generator asserts so)")
         self.constraint_trie = constraint_trie
-        self.prefix_tokens: Optional[Tensor] = None
+        self.constraint_range = constraint_range
+        # Forced prefix length of each batch row, kept in step with fairseq's reordering of the rows.
+        self.prefix_lengths: Optional[Tensor] = None
         # What the last generate() left behind, for exit statistics.
         self.encoder_exit_layers: Optional[Tensor] = None
         self.incremental_states: Optional[List[Dict]] = None
@@ -32,14 +37,20 @@ class OFAEnsembleModel(EnsembleModel):
         self.encoder_exit_layers = exits[0] if exits else None
         return encoder_outs
 
+    @torch.jit.unused
+    def reorder_encoder_out(self, encoder_outs, new_order):
+        # fairseq reorders the encoder output whenever rows move (beam expansion, beam selection,
+        # finished sentences dropped): the prefix lengths follow the same rows.
+        if self.prefix_lengths is not None:
+            self.prefix_lengths = self.prefix_lengths.index_select(0, new_order.to(self.prefix_lengths.device))
+        return super().reorder_encoder_out(encoder_outs, new_order)
+
     def _allowed_mask(self, tokens: Tensor, logits: Tensor) -> Tensor:
         """(rows x V) mask of the tokens the trie allows after each row's generated prefix."""
         mask = torch.zeros_like(logits, dtype=torch.bool)
-        beam = tokens.size(0) // self.prefix_tokens.size(0) if self.prefix_tokens is not None else 1
+        prefix_lengths = self.prefix_lengths.tolist() if self.prefix_lengths is not None else [0] * len(tokens)
         for row, history in enumerate(tokens.tolist()):
-            prefix_len = 0
-            if self.prefix_tokens is not None:
-                prefix_len = int(self.prefix_tokens[row // beam].ne(1).sum())
+            prefix_len = prefix_lengths[row]
             if len(history) > prefix_len:
                 # Trie paths hold the answer tokens after bos; forced prefix tokens are not part of them.
                 allowed = self.constraint_trie.next_tokens(history[prefix_len + 1 :])
@@ -68,6 +79,10 @@ class OFAEnsembleModel(EnsembleModel):
             logits = decoder_out[0][:, -1:, :].div_(temperature)
             if self.constraint_trie is not None:
                 logits.masked_fill_(~self._allowed_mask(tokens, logits[:, 0]).unsqueeze(1), -math.inf)
+            if self.constraint_range is not None:
+                start, end = self.constraint_range
+                logits[:, :, 4:start] = -math.inf
+                logits[:, :, end:] = -math.inf
             probs = model.get_normalized_probs((logits, decoder_out[1]), log_probs=True, sample=None)[:, -1, :]
             if self.models_size == 1:
                 return probs, attn
@@ -84,8 +99,12 @@ class OFASequenceGenerator(SequenceGenerator):
     """Beam search that starts from bos, honours an answer trie and blocks repeated n-grams as OFA's
     generator does."""
 
-    def __init__(self, models, tgt_dict, constraint_trie=None, **kwargs):
-        ensemble = models if isinstance(models, EnsembleModel) else OFAEnsembleModel(models, constraint_trie)
+    def __init__(self, models, tgt_dict, constraint_trie=None, constraint_range=None, **kwargs):
+        from mue_fairseq.criterions.label_smoothed_ce import parse_constraint_range
+
+        constraint_range = parse_constraint_range(constraint_range)
+        ensemble = (models if isinstance(models, EnsembleModel)
+                    else OFAEnsembleModel(models, constraint_trie, constraint_range))
         super().__init__(ensemble, tgt_dict, **kwargs)
         self.bos = tgt_dict.bos()
         if self.repeat_ngram_blocker is not None:
@@ -95,7 +114,7 @@ class OFASequenceGenerator(SequenceGenerator):
 
     def _generate(self, sample: Dict[str, Dict[str, Tensor]], prefix_tokens: Optional[Tensor] = None,
                   constraints: Optional[Tensor] = None, bos_token: Optional[int] = None):
-        self.model.prefix_tokens = prefix_tokens
+        self.model.prefix_lengths = None if prefix_tokens is None else prefix_tokens.ne(self.pad).sum(dim=1)
         for model in self.model.models:
             if getattr(model.decoder, "supports_exits", False):
                 # The decoder's threshold schedule decays over the step budget N = max_len + 1.

@@ -38,7 +38,7 @@ JSON_FORMAT_VERSION = 1
 class SampleExits:
     """The exits of one sample (its best hypothesis)."""
 
-    sample_id: int
+    sample_id: Union[int, str]
     image_layers: int
     text_layers: int
     decoder_layers: List[int]
@@ -71,7 +71,7 @@ class SampleExits:
     def from_json(cls, values: dict) -> "SampleExits":
         try:
             return cls(
-                sample_id=values["id"],
+                sample_id=_sample_id(values["id"]),
                 image_layers=int(values["image_layers"]),
                 text_layers=int(values["text_layers"]),
                 decoder_layers=[int(v) for v in values["decoder_layers"]],
@@ -108,6 +108,12 @@ def _as_int_list(values: Union[Tensor, Sequence[int]]) -> List[int]:
     if isinstance(values, Tensor):
         return [int(v) for v in values.reshape(-1).tolist()]
     return [int(v) for v in values]
+
+
+def _sample_id(value) -> Union[int, str]:
+    """A sample id as an int where it is one; OFA's grounding ids ("79_1") stay strings."""
+    text = str(value)
+    return int(text) if text.lstrip("-").isdigit() else text
 
 
 def _reduction(executed: float, full: float) -> Optional[float]:
@@ -162,7 +168,7 @@ class ExitStatistics:
         The best (first) hypothesis of each sample is used; the text length is the batch's
         source length (what the text stream computed). A bad hypothesis rejects the whole batch.
         """
-        ids = _as_int_list(sample["id"])
+        ids = [_sample_id(v) for v in (sample["id"].tolist() if hasattr(sample["id"], "tolist") else sample["id"])]
         if len(ids) != len(hypos):
             raise ValueError(f"batch has {len(ids)} sample ids but {len(hypos)} hypothesis lists")
         text_length = int(sample["net_input"]["src_tokens"].size(1))
@@ -195,7 +201,7 @@ class ExitStatistics:
         bad = [v for v in decoder if not 1 <= v <= self.decoder_layers]
         if bad:
             raise ValueError(f"{where}: decoder exit layers {bad} are outside 1..{self.decoder_layers}")
-        record = SampleExits(int(sample_id), int(image_layers), int(text_layers), decoder,
+        record = SampleExits(_sample_id(sample_id), int(image_layers), int(text_layers), decoder,
                              None if text_length is None else int(text_length), int(batch_size))
         if self.flop_model is not None:
             if text_length is None:
@@ -250,6 +256,19 @@ class ExitStatistics:
             "decoder": mean(tokens),
             "decoder_per_sample": mean([s.decoder_mean for s in self.samples]),
         }
+
+    def decoder_by_position(self) -> Dict[str, list]:
+        """Per generated-token position t (0 = first token after the prompt; eos included): the
+        tokens seen there, their mean decoder exit layer and its histogram. For grounding the
+        first four positions are the box's x0, y0, x1, y1, so this shows where each coordinate stopped."""
+        length = max((len(s.decoder_layers) for s in self.samples), default=0)
+        counts = [[0] * (self.decoder_layers + 1) for _ in range(length)]
+        for s in self.samples:
+            for t, v in enumerate(s.decoder_layers):
+                counts[t][v] += 1
+        tokens = [sum(row) for row in counts]
+        means = [sum(v * n for v, n in enumerate(row)) / total for row, total in zip(counts, tokens)]
+        return {"tokens": tokens, "mean": means, "histograms": counts}
 
     def layer_time_reduction(self) -> Dict[str, Optional[float]]:
         """Expected time reduction by layer count: 1 - layers run / layers at full depth."""
@@ -317,6 +336,7 @@ class ExitStatistics:
             "layers": {"encoder": self.encoder_layers, "decoder": self.decoder_layers},
             "mean_exit_layers": self.mean_exit_layers(),
             "histograms": self.histograms(),
+            "decoder_by_position": self.decoder_by_position(),
             "time_reduction_layers": self.layer_time_reduction(),
             "time_reduction_flops": self.flop_summary(),
             "wall_clock": self.wall_clock.to_json(),

@@ -1,2 +1,2 @@
-"""OFA-format tasks; importing this package registers `caption` and `snli_ve` with fairseq."""
-from . import caption, snli_ve  # noqa: F401
+"""OFA-format tasks; importing this package registers `caption`, `snli_ve`, `refcoco` and `vqa_gen` with fairseq."""
+from . import caption, refcoco, snli_ve, vqa_gen  # noqa: F401

@@ -21,7 +21,7 @@ from mue_fairseq.data.ofa_bpe import decode_tokens, encode_text
 from mue_fairseq.data.snli_ve_dataset import PROMPT_TYPES, SnliVeDataset
 from mue_fairseq.tasks.exit_validation import exit_logging, full_depth, has_exits, reduce_exit_metrics, timed
 from mue_fairseq.tasks.ofa_task import OFAConfig, OFATask, ratio_of_meters, sum_logs
-from mue_fairseq.tasks.snli_ve_scoring import score_snli_ve_candidates
+from mue_fairseq.tasks.snli_ve_scoring import best_answers_with_exits, score_snli_ve_candidates
 
 
 @dataclass
@@ -46,10 +46,16 @@ def load_ans2label(ans2label_dict: Optional[str], ans2label_file: Optional[str])
             raise FileNotFoundError(f"--ans2label-file {ans2label_file} does not exist")
         if ans2label_file.endswith(".json"):
             with open(ans2label_file, encoding="utf-8") as handle:
-                mapping = json.load(handle)
+                try:
+                    mapping = json.load(handle)
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"--ans2label-file {ans2label_file} is not valid JSON ({err})") from err
         elif ans2label_file.endswith((".pkl", ".pickle")):
             with open(ans2label_file, "rb") as handle:
-                mapping = pickle.load(handle)
+                try:
+                    mapping = pickle.load(handle)
+                except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError) as err:
+                    raise ValueError(f"--ans2label-file {ans2label_file} is not a readable pickle ({err!r})") from err
         else:
             raise ValueError(f"--ans2label-file {ans2label_file}: expected a .json, .pkl or .pickle file")
         source = ans2label_file
@@ -60,7 +66,10 @@ def load_ans2label(ans2label_dict: Optional[str], ans2label_file: Optional[str])
             raise ValueError(f"--ans2label-dict is not valid JSON: {ans2label_dict!r} ({err})") from err
         source = "--ans2label-dict"
     if not isinstance(mapping, dict) or not mapping:
-        raise ValueError(f"{source}: expected a non-empty answer -> label mapping, got {mapping!r}")
+        raise ValueError(f"{source}: expected a non-empty answer -> label mapping, got {str(mapping)[:200]}")
+    bad = [answer for answer in mapping if not isinstance(answer, str) or not answer.strip()]
+    if bad:
+        raise ValueError(f"{source}: answers must be non-empty strings; found {bad[0]!r}")
     return mapping
 
 
@@ -129,24 +138,8 @@ class SnliVeTask(OFATask):
 
     def answer_with_exits(self, model, sample) -> Tuple[List[str], List[int], List[int], List[List[int]]]:
         """(answers, image layers, text layers, decoder layers) per sample: the best-scoring answer and,
-        for a MuE model, where its streams and its answer tokens stopped (full depth otherwise; image
-        layers 0 for a sample without an image is left to the model's record)."""
-        net_input = {k: v for k, v in sample["net_input"].items() if k != "prev_output_tokens"}
-        encoder_out = model.encoder(**net_input)
-        decoder_layers: List[torch.Tensor] = []
-        scores = self.score_answers(model, sample, encoder_out=encoder_out, decoder_exit_layers=decoder_layers)
-        answers = [self.index2ans[i] for i in scores.argmax(dim=1).tolist()]
-        rows = len(answers)
-        encoder_depth, decoder_depth = model.args.encoder_layers, model.args.decoder_layers
-        recorded = encoder_out.get("exit_layers") or [None]
-        if recorded[0] is not None:
-            image_layers, text_layers = (list(column) for column in zip(*recorded[0].tolist()))
-        else:
-            image_layers, text_layers = [encoder_depth] * rows, [encoder_depth] * rows
-        # Candidates of a sample stop together: one decoder depth per sample, counted per answer pass.
-        passes = [layers.tolist() for layers in decoder_layers] or [[decoder_depth] * rows]
-        per_sample = [[int(layers[row]) for layers in passes] for row in range(rows)]
-        return answers, image_layers, text_layers, per_sample
+        for a MuE model, where its streams and its answer tokens stopped (see `best_answers_with_exits`)."""
+        return best_answers_with_exits(model, sample, self.score_answers, self.index2ans)
 
     def valid_step(self, sample, model, criterion):
         with full_depth(model):

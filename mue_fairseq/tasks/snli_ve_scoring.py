@@ -9,7 +9,7 @@ log-probabilities; prompt positions (no allowed token) and padding count 0.
 """
 
 import math
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -128,3 +128,30 @@ def score_snli_ve_candidates(
         scores[scored] = picked.masked_fill(target_columns < 0, -math.inf)  # a target the trie forbids
         results.append(scores.sum(dim=1).view(batch_size, len(chunk)))
     return torch.cat(results, dim=1)
+
+
+def best_answers_with_exits(
+    model, sample: Dict[str, Any], score_answers: Callable, index2ans: Mapping[int, str]
+) -> Tuple[List[str], List[int], List[int], List[List[int]]]:
+    """(answers, image layers, text layers, decoder layers) per sample: the best-scoring candidate and,
+    for a MuE model, where its streams and its answer tokens stopped (full depth otherwise).
+
+    ``score_answers(model, sample, encoder_out=, decoder_exit_layers=)`` gives B x n_answers scores
+    (the task's); the encoder runs once here and its exit record is read.
+    """
+    net_input = {k: v for k, v in sample["net_input"].items() if k != "prev_output_tokens"}
+    encoder_out = model.encoder(**net_input)
+    decoder_layers: List[torch.Tensor] = []
+    scores = score_answers(model, sample, encoder_out=encoder_out, decoder_exit_layers=decoder_layers)
+    answers = [index2ans[i] for i in scores.argmax(dim=1).tolist()]
+    rows = len(answers)
+    encoder_depth, decoder_depth = model.args.encoder_layers, model.args.decoder_layers
+    recorded = encoder_out.get("exit_layers") or [None]
+    if recorded[0] is not None:
+        image_layers, text_layers = (list(column) for column in zip(*recorded[0].tolist()))
+    else:
+        image_layers, text_layers = [encoder_depth] * rows, [encoder_depth] * rows
+    # Candidates of a sample stop together: one decoder depth per sample, counted per answer pass.
+    passes = [layers.tolist() for layers in decoder_layers] or [[decoder_depth] * rows]
+    per_sample = [[int(layers[row]) for layers in passes] for row in range(rows)]
+    return answers, image_layers, text_layers, per_sample

@@ -1,0 +1,150 @@
+"""Task ``refcoco``: OFA visual grounding (RefCOCO, RefCOCO+ and RefCOCOg data), scored by Acc@0.5.
+
+The model generates a box as four ``<bin_i>`` location tokens (OFA's scripts decode with
+``--min-len 4 --max-len-a 0 --max-len-b 4``, so exactly four tokens and eos; OFA puts no other
+constraint on them, and ``--constraint-range {V - num_bins},{V}`` for a dictionary of V entries
+keeps generation to the location tokens and the specials). Boxes decode back to pixels of the
+original image (`location_tokens`); a hit is IoU >= 0.5 with the reference box.
+
+Validation with ``--eval-acc`` generates with ``--eval-args`` and logs ``score`` (Acc@0.5, OFA's
+name, 0-1) at full depth, and ``score_mue`` with a MuE model's exits, with exit statistics.
+"""
+
+import logging
+from argparse import Namespace
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from fairseq import metrics
+from fairseq.tasks import register_task
+
+from mue_fairseq.data.location_tokens import bin_offset, bins_to_boxes, box_hits
+from mue_fairseq.data.ofa_bpe import SymbolAwareGPT2BPE
+from mue_fairseq.data.refcoco_dataset import RefcocoDataset
+from mue_fairseq.tasks.caption import _parse_json_option
+from mue_fairseq.tasks.exit_validation import exit_logging, full_depth, has_exits, reduce_exit_metrics, timed
+from mue_fairseq.tasks.ofa_task import OFAConfig, OFATask, ratio_of_meters, sum_logs
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RefcocoConfig(OFAConfig):
+    eval_acc: bool = field(default=False, metadata={"help": "validate by generating boxes and scoring Acc@0.5"})
+    eval_args: Optional[str] = field(
+        default="{}", metadata={"help": 'generation args for validation, e.g. \'{"beam": 5, "min_len": 4}\', as JSON'}
+    )
+    eval_print_samples: bool = field(default=False, metadata={"help": "log a sample box during validation"})
+    max_image_size: int = field(
+        default=512, metadata={"help": "boxes are divided by this before quantisation (OFA's normalisation)"}
+    )
+    scst: bool = field(default=False, metadata={"help": "self-critical sequence training (not supported)"})
+    scst_args: str = field(default="{}", metadata={"help": "generation args for SCST (not supported)"})
+
+
+@register_task("refcoco", dataclass=RefcocoConfig)
+class RefcocoTask(OFATask):
+    cfg: RefcocoConfig
+
+    def __init__(self, cfg: RefcocoConfig, src_dict, tgt_dict):
+        if cfg.scst:
+            raise ValueError("refcoco task: --scst is not supported")
+        if cfg.num_bins < 2:
+            raise ValueError(f"--num-bins must be at least 2, got {cfg.num_bins}")
+        if cfg.max_image_size <= 0:
+            raise ValueError(f"--max-image-size must be positive, got {cfg.max_image_size}")
+        super().__init__(cfg, src_dict, tgt_dict)
+        self.eval_args = _parse_json_option("eval_args", cfg.eval_args)
+        self.sequence_generator = None
+
+    def load_dataset(self, split: str, epoch: int = 1, combine: bool = False, **kwargs):
+        self.datasets[split] = RefcocoDataset(
+            split,
+            self.open_tsv(split, epoch),
+            self.bpe,
+            self.src_dict,
+            self.tgt_dict,
+            max_src_length=self.cfg.max_src_length,
+            patch_image_size=self.cfg.patch_image_size,
+            imagenet_default_mean_and_std=self.cfg.imagenet_default_mean_and_std,
+            num_bins=self.cfg.num_bins,
+            max_image_size=self.cfg.max_image_size,
+        )
+
+    def build_model(self, cfg, from_checkpoint=False):
+        model = super().build_model(cfg, from_checkpoint)
+        if self.cfg.eval_acc:
+            self.sequence_generator = self.build_generator([model], Namespace(**self.eval_args))
+        return model
+
+    def build_bpe(self, args):
+        """The task's BPE, printing ``<bin_i>`` tokens as they are (for fairseq-generate)."""
+        bpe = super().build_bpe(args)
+        return SymbolAwareGPT2BPE(bpe) if bpe is self.bpe else bpe
+
+    # ------------------------------------------------------------ boxes
+    def hypothesis_bins(self, hypos) -> torch.Tensor:
+        """B x 4 bin indices of each sample's best hypothesis (OFA's arithmetic: a token that is not a
+        location token gives an index outside 0..num_bins-1, and a box that scores as a miss)."""
+        offset = bin_offset(len(self.src_dict), self.cfg.num_bins)
+        rows = []
+        for sample_hypos in hypos:
+            tokens = sample_hypos[0]["tokens"][:-1]
+            if tokens.numel() != 4:
+                raise ValueError(
+                    f"refcoco: a hypothesis has {tokens.numel()} tokens before eos, a box needs 4: "
+                    "decode with --min-len 4 --max-len-a 0 --max-len-b 4 (OFA's settings)"
+                )
+            rows.append(tokens - offset)
+        return torch.stack(rows, dim=0)
+
+    def boxes_and_hits(self, sample, hypos) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(B x 4 predicted boxes in original pixels, B hits at IoU >= 0.5), as OFA's eval_refcoco."""
+        boxes = bins_to_boxes(self.hypothesis_bins(hypos), sample["w_resize_ratios"], sample["h_resize_ratios"],
+                              self.cfg.num_bins, self.cfg.max_image_size)
+        return boxes, box_hits(boxes, sample["region_coords"].float())
+
+    def evaluation_rows(self, sample, hypos) -> Tuple[List[dict], List[float]]:
+        """Rows of OFA's ``{subset}_predict.json`` (uniq_id, box in pixels) and each row's hit (0/1)."""
+        boxes, hits = self.boxes_and_hits(sample, hypos)
+        rows = [{"uniq_id": sample_id, "box": [float(v) for v in box.tolist()]}
+                for sample_id, box in zip(sample["id"].tolist(), boxes)]
+        return rows, hits.tolist()
+
+    # -------------------------------------------------------- validation
+    def valid_step(self, sample, model, criterion):
+        with full_depth(model):
+            loss, sample_size, logging_output = super().valid_step(sample, model, criterion)
+            if not self.cfg.eval_acc:
+                return loss, sample_size, logging_output
+            model.eval()
+            hypos, seconds_full = timed(self.inference_step, self.sequence_generator, [model], sample)
+        logging_output.update(self._score_logging(sample, hypos, ""))
+        if has_exits(model):
+            hypos, seconds_exit = timed(self.inference_step, self.sequence_generator, [model], sample)
+            logging_output.update(self._score_logging(sample, hypos, "_mue"))
+            best = [h[0] for h in hypos]
+            image, text = zip(*(h["encoder_exit_layers"].tolist() for h in best))
+            decoder = [h["exit_layers"].tolist() for h in best]
+            logging_output.update(exit_logging(model, image, text, decoder, seconds_full, seconds_exit))
+        return loss, sample_size, logging_output
+
+    def _score_logging(self, sample, hypos, suffix: str) -> Dict[str, float]:
+        boxes, hits = self.boxes_and_hits(sample, hypos)
+        if self.cfg.eval_print_samples:
+            logger.info("example box: %s, reference: %s", boxes[0].tolist(), sample["region_coords"][0].tolist())
+        return {f"_score_sum{suffix}": float(hits.sum()), f"_score_cnt{suffix}": int(hits.numel())}
+
+    def reduce_metrics(self, logging_outputs, criterion):
+        super().reduce_metrics(logging_outputs, criterion)
+        for suffix in ("", "_mue"):
+            if sum_logs(logging_outputs, f"_score_cnt{suffix}") > 0:
+                metrics.log_scalar(f"_score_sum{suffix}", sum_logs(logging_outputs, f"_score_sum{suffix}"))
+                metrics.log_scalar(f"_score_cnt{suffix}", sum_logs(logging_outputs, f"_score_cnt{suffix}"))
+                metrics.log_derived(f"score{suffix}", _derived_score(suffix))
+        reduce_exit_metrics(logging_outputs)
+
+
+def _derived_score(suffix: str):
+    return lambda meters: ratio_of_meters(meters, f"_score_sum{suffix}", f"_score_cnt{suffix}", 4)

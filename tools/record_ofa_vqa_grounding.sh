@@ -1,0 +1,127 @@
+#!/usr/bin/env bash
+# Record OFA's own refcoco and vqa_gen behaviour on the built-in synthetic data, for parity tests.
+#
+#   tools/record_ofa_vqa_grounding.sh OFA_PYTHON [OUT_DIR]
+#
+# OFA_PYTHON: the Python 3.8 of OFA's environment (torch 1.8.1, OFA's fairseq fork installed; see
+# ../shared/NOTES-peers.md). OUT_DIR (default work_dirs/ofa_parity) receives:
+#   src/        OFA's tree at a36b91ce (train.py, evaluate.py, models, tasks, ...), with two patches that
+#               do not touch the model: evaluate.py's score accumulators stay on the CPU without CUDA, and
+#               the criterion masks constraint logits in place (it assigns into a tuple: a TypeError)
+#   data/       refcoco_*.tsv, vqa_gen_*.tsv, vqa_ans2label.pkl (data_utils.synthetic_vqa_grounding)
+#   refcoco/    checkpoint_last.pt written by OFA's train.py (ofa_tiny cut down to d=32, 2+2 layers;
+#               $UPDATES updates, default 80, on $NUM_TRAIN training images, default 32), and
+#               OFA's evaluate.py outputs on refcoco_test.tsv: test_predict.json, evaluate.log and
+#               outputs.json (every beam hypothesis: tokens, score, positional scores)
+#   vqa_gen/    the same for vqa_gen: evaluate_allcand/ and evaluate_beam/ (--beam-search-vqa-eval)
+set -euo pipefail
+OFA_PY=${1:?usage: $0 OFA_PYTHON [OUT_DIR]}
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+OUT=$(mkdir -p "${2:-$ROOT/work_dirs/ofa_parity}" && cd "${2:-$ROOT/work_dirs/ofa_parity}" && pwd)
+OFA_GIT=${OFA_GIT_DIR:-/work/.mirror/OFA-Sys+OFA/repo}
+OFA_COMMIT=a36b91ce86ff105ac8d9e513aa88f42b85e33479
+OBSERVE=${OFA_OBSERVE:-$ROOT/tools/ofa_observe_generation.py}
+BPE_DIR=${MUE_BPE_DIR:-$ROOT/../shared/ofa_bpe}
+OUR_PY=${PYTHON:-$ROOT/.venv/bin/python}
+[ -x "$OUR_PY" ] || OUR_PY=/work/main/.venv/bin/python
+# OFA imports g2p_en (speech tasks) at start-up, which needs NLTK's cmudict: set NLTK_DATA to a folder holding it.
+export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 PYTHONDONTWRITEBYTECODE=1
+
+if [ ! -f "$OUT/src/train.py" ]; then
+    mkdir -p "$OUT/src"
+    git --git-dir="$OFA_GIT" archive "$OFA_COMMIT" train.py evaluate.py trainer.py criterions data models tasks \
+        utils ofa_module run_scripts/refcoco run_scripts/vqa | tar -x -C "$OUT/src"
+    sed -i 's/^\(\s*score_\(sum\|cnt\) = torch.FloatTensor(\[0\])\)\.cuda()$/\1.cuda() if use_cuda else torch.FloatTensor([0])/' \
+        "$OUT/src/evaluate.py"
+    sed -i 's/            net_output\[0\] = net_output\[0\].masked_fill(~constraint_masks, -math.inf)/            net_output[0].masked_fill_(~constraint_masks, -math.inf)/' \
+        "$OUT/src/criterions/label_smoothed_cross_entropy.py"
+    [ "$(grep -c 'cuda() if use_cuda else' "$OUT/src/evaluate.py")" = 2 ] || { echo "evaluate.py patch failed" >&2; exit 2; }
+    grep -q 'net_output\[0\].masked_fill_(~constraint_masks' "$OUT/src/criterions/label_smoothed_cross_entropy.py" \
+        || { echo "criterion patch failed" >&2; exit 2; }
+fi
+[ -f "$OUT/data/vqa_ans2label.pkl" ] || (cd "$ROOT" && PYTHONPATH=$ROOT "$OUR_PY" -m data_utils.synthetic_vqa_grounding \
+    --out-dir "$OUT/data" --seed 7 --num-train "${NUM_TRAIN:-32}" --num-valid 4 --num-test 6 >/dev/null)
+
+MODEL=(--arch=ofa_tiny --encoder-embed-dim=32 --decoder-embed-dim=32 --encoder-ffn-embed-dim=64
+       --decoder-ffn-embed-dim=64 --encoder-layers=2 --decoder-layers=2 --encoder-attention-heads=2
+       --decoder-attention-heads=2 --resnet-type=resnet18 --patch-image-size=64 --token-bucket-size=32
+       --image-bucket-size=8 --encoder-normalize-before --decoder-normalize-before --share-decoder-input-output-embed
+       --share-all-embeddings --layernorm-embedding --patch-layernorm-embedding --code-layernorm-embedding
+       --add-type-embedding --scale-attn --scale-fc --scale-heads --disable-entangle --dropout=0.1
+       --attention-dropout=0.0)
+TRAIN=(--bpe-dir="$BPE_DIR" --user-dir=../../ofa_module --criterion=adjust_label_smoothed_cross_entropy
+       --label-smoothing=0.1 --optimizer=adam --adam-betas="(0.9,0.999)" --lr=3e-3 --max-update="${UPDATES:-80}" --batch-size=8
+       --cpu --num-workers=0 --seed=1 --log-format=simple --log-interval=1 --disable-validation
+       --no-epoch-checkpoints --no-save-optimizer-state --max-src-length=40 --max-tgt-length=10 --num-bins=1000)
+EVAL=(--user-dir=../../ofa_module --batch-size=4 --log-format=simple --log-interval=1 --seed=7 --cpu
+      --num-workers=0 --required-batch-size-multiple=1)
+
+# ---- refcoco
+cd "$OUT/src/run_scripts/refcoco"
+if [ ! -f "$OUT/refcoco/checkpoint_last.pt" ]; then
+    mkdir -p "$OUT/refcoco"
+    "$OFA_PY" ../../train.py "$OUT/data/refcoco_train.tsv,$OUT/data/refcoco_valid.tsv" --task=refcoco \
+        --selected-cols=0,4,2,3 --max-image-size=64 "${MODEL[@]}" "${TRAIN[@]}" --save-dir="$OUT/refcoco" \
+        > "$OUT/refcoco/train.log" 2>&1 || { tail -30 "$OUT/refcoco/train.log"; exit 1; }
+fi
+mkdir -p "$OUT/refcoco/evaluate"
+# --batch-size=1: at this commit evaluate.py tests `if scores and ...` on refcoco's score tensor, which
+# raises for a batch of more than one row ("Boolean value of Tensor with more than one value is ambiguous").
+"$OFA_PY" "$OBSERVE" --record "$OUT/refcoco/evaluate/outputs.json" -- "$OUT/data/refcoco_test.tsv" \
+    --path="$OUT/refcoco/checkpoint_last.pt" --task=refcoco --gen-subset=test "${EVAL[@]}" --batch-size=1 \
+    --results-path="$OUT/refcoco/evaluate" --beam=5 --min-len=4 --max-len-a=0 --max-len-b=4 --no-repeat-ngram-size=3 \
+    --model-overrides="{\"data\":\"$OUT/data/refcoco_test.tsv\",\"bpe_dir\":\"$BPE_DIR\",\"selected_cols\":\"0,4,2,3\"}" \
+    > "$OUT/refcoco/evaluate/evaluate.log" 2>&1 || { tail -30 "$OUT/refcoco/evaluate/evaluate.log"; exit 1; }
+
+# ---- vqa_gen
+cd "$OUT/src/run_scripts/vqa"
+if [ ! -f "$OUT/vqa_gen/checkpoint_last.pt" ]; then
+    mkdir -p "$OUT/vqa_gen"
+    "$OFA_PY" ../../train.py "$OUT/data/vqa_gen_train.tsv,$OUT/data/vqa_gen_valid.tsv" --task=vqa_gen \
+        --selected-cols=0,5,2,3,4 --ans2label-file="$OUT/data/vqa_ans2label.pkl" --prompt-type=prev_output \
+        --add-object --valid-batch-size=7 --val-inference-type=allcand "${MODEL[@]}" "${TRAIN[@]}" \
+        --save-dir="$OUT/vqa_gen" > "$OUT/vqa_gen/train.log" 2>&1 || { tail -30 "$OUT/vqa_gen/train.log"; exit 1; }
+fi
+for mode in allcand beam; do
+    flag=(); [ "$mode" = beam ] && flag=(--beam-search-vqa-eval --beam=5 --unnormalized --temperature=1.0)
+    mkdir -p "$OUT/vqa_gen/evaluate_$mode"
+    "$OFA_PY" "$OBSERVE" --record "$OUT/vqa_gen/evaluate_$mode/outputs.json" -- "$OUT/data/vqa_gen_test.tsv" \
+        --path="$OUT/vqa_gen/checkpoint_last.pt" --task=vqa_gen --gen-subset=test "${EVAL[@]}" "${flag[@]}" \
+        --results-path="$OUT/vqa_gen/evaluate_$mode" \
+        --model-overrides="{\"data\":\"$OUT/data/vqa_gen_test.tsv\",\"bpe_dir\":\"$BPE_DIR\",\"selected_cols\":\"0,5,2,3,4\",\"ans2label_file\":\"$OUT/data/vqa_ans2label.pkl\"}" \
+        > "$OUT/vqa_gen/evaluate_$mode/evaluate.log" 2>&1 || { tail -30 "$OUT/vqa_gen/evaluate_$mode/evaluate.log"; exit 1; }
+done
+grep -h "score_sum" "$OUT"/*/evaluate*/evaluate.log
+
+# ---- the fixture folder the parity tests read (tests/test_ofa_parity_vqa_grounding.py): copy it to
+# ../shared/ofa_vqa_grounding (or point MUE_SHARED_DIR at a folder that holds it and ofa_bpe).
+F="$OUT/fixtures/ofa_vqa_grounding"
+mkdir -p "$F/refcoco" "$F/vqa_gen_allcand" "$F/vqa_gen_beam"
+cp "$OUT/refcoco/checkpoint_last.pt" "$F/ofa_tiny_refcoco.pt"
+cp "$OUT/vqa_gen/checkpoint_last.pt" "$F/ofa_tiny_vqa_gen.pt"
+cp "$OUT/data/refcoco_test.tsv" "$OUT/data/vqa_gen_test.tsv" "$OUT/data/vqa_ans2label.pkl" "$F/"
+cp "$OUT/refcoco/evaluate/"{test_predict.json,outputs.json,evaluate.log} "$F/refcoco/"
+for mode in allcand beam; do cp "$OUT/vqa_gen/evaluate_$mode/"{test_predict.json,outputs.json,evaluate.log} "$F/vqa_gen_$mode/"; done
+cat > "$F/README.md" <<README
+# OFA refcoco / vqa_gen fixtures (tiny checkpoints written by OFA's train.py, OFA's evaluate.py outputs)
+
+Made by \`tools/record_ofa_vqa_grounding.sh\` (mue-fairseq) with OFA-Sys/OFA at \`$OFA_COMMIT\` and its
+fairseq fork ($("$OFA_PY" -c 'import sys, torch; print("Python", sys.version.split()[0] + ", torch", torch.__version__)'),
+CPU, float32, one thread). Data: \`data_utils.synthetic_vqa_grounding\` (seed 7, ${NUM_TRAIN:-32} training images).
+Two patches to OFA's tree, none in the model: evaluate.py keeps its score accumulators on the CPU, and the
+criterion masks constraint logits in place (its tuple assignment is a TypeError with constraint masks).
+
+| file | what |
+| --- | --- |
+| ofa_tiny_refcoco.pt, ofa_tiny_vqa_gen.pt | checkpoint_last.pt of OFA's train.py: ofa_tiny at d=32, 2+2 layers, resnet18, 64 px, ${UPDATES:-80} Adam updates |
+| refcoco_test.tsv, vqa_gen_test.tsv, vqa_ans2label.pkl | the evaluated rows (selected cols 0,4,2,3 / 0,5,2,3,4) and the candidate answers |
+| refcoco/ | evaluate.py --beam=5 --min-len=4 --max-len-a=0 --max-len-b=4 --no-repeat-ngram-size=3 --batch-size=1 |
+| vqa_gen_allcand/, vqa_gen_beam/ | evaluate.py --batch-size=4, all-candidate scoring / --beam-search-vqa-eval --beam=5 --unnormalized |
+| */test_predict.json, */evaluate.log | OFA's result file and log (score line) |
+| */outputs.json | observed (tools/ofa_observe_generation.py): every beam hypothesis (tokens, score, positional scores) and the vqa candidate score matrix |
+
+refcoco runs at batch size 1: at this commit evaluate.py tests \`if scores and ...\` on refcoco's score tensor,
+which raises for a batch of more than one row.
+README
+(cd "$F" && find . -type f ! -name SHA256SUMS | sort | xargs sha256sum > SHA256SUMS)
+echo "fixtures in $F"
