@@ -38,7 +38,7 @@ def recorded(name: str) -> dict:
 def data_dir(tmp_path_factory) -> Path:
     """The built-in task as recorded: each stage-2 row has one more reference (see the recorder), and
     the training CIDEr-D pickle is computed from those references."""
-    from data_utils.synthetic_task import build_synthetic_task
+    from data_utils.synthetic import build_synthetic_task
     from mue_fairseq.metrics.cider import CIDER_EOS, save_document_frequency
 
     record = recorded("scst")

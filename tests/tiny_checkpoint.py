@@ -88,6 +88,12 @@ def tiny_checkpoint(task: str, tmp_path_factory, extra_args: Sequence[str] = ())
         "--seed", "1", *(extra_args or ["--disable-validation"]),
     ]
     args = options.parse_args_and_arch(options.get_training_parser(), argv)
+    # fairseq keeps the best validation score on a function attribute: an earlier training in this
+    # process would otherwise pass its own best on to this checkpoint.
+    from fairseq import checkpoint_utils
+
+    if hasattr(checkpoint_utils.save_checkpoint, "best"):
+        del checkpoint_utils.save_checkpoint.best
     distributed_utils.call_main(convert_namespace_to_omegaconf(args), train.main)
     checkpoint = save_dir / "checkpoint_last.pt"
     assert checkpoint.exists(), f"fairseq-train wrote no {checkpoint}"

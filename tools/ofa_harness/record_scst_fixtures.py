@@ -95,7 +95,7 @@ def main():
     parser.add_argument("--ofa-peer", required=True, type=Path, help="the harness's work_dirs/ofa_peer")
     parser.add_argument("--out-dir", type=Path, default=REPO / "tests" / "fixtures")
     args = parser.parse_args()
-    from data_utils.synthetic_task import build_synthetic_task
+    from data_utils.synthetic import build_synthetic_task
 
     peer = args.ofa_peer.resolve()
     with tempfile.TemporaryDirectory() as tmp:
