@@ -81,7 +81,8 @@ class MuEConfig(FairseqDataclass):
         metadata={"help": "authors: behave as the MuE authors' code (Tangshengku/OFA) does: decomposed "
                   "encoder, --mue-batch-joint-exit, --mue-drop-image-rel-bias, --mue-kv-policy none, "
                   "their schedule 0.9*theta + 0.1*exp(-(step+1)/(max_len+1)) and full depth while "
-                  "step < (max_len+1)/3. Options it sets that are left at their defaults take its "
+                  "step < (max_len+1)/3 (decoder exits even at --mue-decoder-threshold 1, as their "
+                  "schedule then stays below 1). Options it sets that are left at their defaults take its "
                   "values; a different explicit value is an error. none: the paper's method"},
     )
     mue_static_image_layers: int = field(
@@ -164,7 +165,9 @@ class MuEConfig(FairseqDataclass):
 
     def decoder_exits_enabled(self) -> bool:
         return {
-            "similarity": self.mue_decoder_threshold < 1,
+            # The authors' schedule falls below 1 even for theta = 1 (0.9 + 0.1*exp(-t/N)), and
+            # their decoder exits whenever the cosine exceeds it.
+            "similarity": self.mue_decoder_threshold < 1 or str(self.mue_preset) == "authors",
             "static": self.mue_static_decoder_layers > 0,
             "entropy": self.mue_entropy_threshold > 0,
             "confidence": self.mue_confidence_threshold < 1,
