@@ -35,19 +35,24 @@ def parse_thresholds(text: str):
     return values
 
 
-def authors_evaluate_args(tsv, checkpoint, thresholds, batch_size, beam, max_len_b, no_repeat_ngram_size,
-                          results, task="caption", selected_cols=SELECTED_COLS) -> list:
-    """Their evaluate.py's command line as their run scripts give it (one CPU process)."""
-    image, text, decoder = thresholds
+def peer_evaluate_args(tsv, checkpoint, thresholds, batch_size, beam, max_len_b, no_repeat_ngram_size,
+                       results, task="caption", selected_cols=SELECTED_COLS) -> list:
+    """evaluate.py's command line as the peers' run scripts give it (one CPU process), run from
+    their `run_scripts/<task>/`: OFA's with `thresholds` None, else the authors' with their
+    threshold flags and `train_mue` (which switches their MuE encoder and decoder on)."""
     overrides = {"data": str(tsv), "bpe_dir": "../../utils/BPE", "selected_cols": selected_cols,
-                 **({"eval_cider": False} if task == "caption" else {}), "train_mue": True}
+                 **({"eval_cider": False} if task == "caption" else {})}
     generation = ([f"--beam={beam}", f"--max-len-b={max_len_b}", f"--no-repeat-ngram-size={no_repeat_ngram_size}"]
                   if task == "caption" else [])
+    mue = []
+    if thresholds is not None:
+        image, text, decoder = thresholds
+        mue = [f"--img_thres={image}", f"--txt_thres={text}", f"--decoder_thres={decoder}"]
+        overrides["train_mue"] = True
     return [str(tsv), f"--path={checkpoint}", "--user-dir=../../ofa_module", f"--task={task}",
             f"--batch-size={batch_size}", "--required-batch-size-multiple=1", "--log-format=simple",
             "--log-interval=1", "--seed=7", "--gen-subset=test", f"--results-path={results}",
-            "--num-workers=0", "--cpu", *generation, f"--img_thres={image}", f"--txt_thres={text}",
-            f"--decoder_thres={decoder}", f"--model-overrides={overrides!r}"]
+            "--num-workers=0", "--cpu", *generation, *mue, f"--model-overrides={overrides!r}"]
 
 
 def run_authors(peer_dir: Path, tsv, checkpoint, thresholds, beam, max_len_b, no_repeat_ngram_size, work: Path) -> dict:
@@ -57,7 +62,7 @@ def run_authors(peer_dir: Path, tsv, checkpoint, thresholds, beam, max_len_b, no
         sys.exit(f"the authors' environment is not at {peer_dir}: run tools/ofa_harness/setup_authors_env.sh first")
     record = work / "authors_record.json"
     run([python, HERE / "authors_observe.py", "--record", record, "--",
-         *authors_evaluate_args(tsv, checkpoint, thresholds, 1, beam, max_len_b, no_repeat_ngram_size, work / "out")],
+         *peer_evaluate_args(tsv, checkpoint, thresholds, 1, beam, max_len_b, no_repeat_ngram_size, work / "out")],
         src / "run_scripts" / "caption", {"NLTK_DATA": str(peer_dir / "nltk_data")})
     return json.loads(record.read_text())["samples"]
 
