@@ -6,6 +6,13 @@ OFA-trained checkpoint (beam 5, max-len-b 16, 3-gram blocking), observed from ou
 `authors_observe.py`: each caption with the layers their code ran (text stream, image stream,
 decoder per token). Ours with the preset and the same thresholds must give exactly the same. No
 authors' environment is needed here.
+
+The settings: their caption thresholds 0.99/0.7/0.9, 0.999/0.95/0.9 (image stream at full depth,
+text stops), 1/1/1 (their decoder still exits: their schedule stays below 1), and two with both
+sides' residual branches scaled by 24 after loading (authors_observe.scale_residual_branches), where
+decoder depths vary by step and sample (3, 2, 1) and captions differ. Not exercised by this tiny
+checkpoint: the KV policy (no caption's decoder depth ever rises again after falling, so no step
+reads a skipped layer's cache).
 """
 import importlib.util
 import json
@@ -52,12 +59,15 @@ def test_preset_reproduces_the_authors_captions_and_exit_layers(recorded):
     for setting in recorded["settings"]:
         theirs = setting["samples"]
         ours = tool.our_samples(recorded["checkpoint_path"], recorded["tsv_path"], tuple(setting["thresholds"]),
-                                gen["beam"], gen["max_len_b"], gen["no_repeat_ngram_size"], BPE_DIR)
+                                gen["beam"], gen["max_len_b"], gen["no_repeat_ngram_size"], BPE_DIR,
+                                setting["residual_scale"])
         report = tool.agreement(theirs, ours)
         assert report["differing"] == [], (setting["thresholds"], report,
                                            {i: (theirs[i], ours[i]) for i in report["differing"]})
         for sample_id in theirs:
-            assert ours[sample_id]["score"] == pytest.approx(theirs[sample_id]["score"], abs=1e-5)
+            # Observed within 1e-6 (float32, another torch); keeping the image stream's relative
+            # bias (their code drops it) moves scores by 1e-5 here.
+            assert ours[sample_id]["score"] == pytest.approx(theirs[sample_id]["score"], abs=5e-6)
 
 
 def test_authors_preset_sets_what_their_code_does():

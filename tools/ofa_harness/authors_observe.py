@@ -25,6 +25,28 @@ import sys
 import torch
 
 
+RESIDUAL_BRANCH_OUTPUTS = ("self_attn.out_proj.weight", "self_attn.out_proj.bias", "encoder_attn.out_proj.weight",
+                           "encoder_attn.out_proj.bias", "fc2.weight", "fc2.bias")
+
+
+def scale_residual_branches(model, factor: float) -> int:
+    """Multiply the output projections of every layer's residual branches (attention and FFN) by
+    `factor`, in place; returns how many tensors changed. A stress test for exit decisions: layers
+    of the tiny OFA-trained checkpoint barely move the residual stream, so every sample exits
+    alike; larger branches spread the layer-to-layer cosines over the thresholds. Both sides apply
+    the same change by parameter name, after loading, so the same weights are compared."""
+    if factor == 1.0:
+        return 0
+    changed = 0
+    for name, param in model.named_parameters():
+        if ".layers." in name and name.endswith(RESIDUAL_BRANCH_OUTPUTS):
+            param.data.mul_(factor)
+            changed += 1
+    if not changed:
+        raise ValueError("no residual-branch parameters found to scale")
+    return changed
+
+
 def split_runs(calls):
     """Layer-index log -> depth of each loop (a new loop starts whenever layer 0 runs again)."""
     depths = []
@@ -38,6 +60,8 @@ def split_runs(calls):
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--record", required=True, help="JSON file to write the observations to")
+    parser.add_argument("--residual-scale", type=float, default=1.0,
+                        help="scale the layers' residual-branch outputs after loading (see scale_residual_branches)")
     parser.add_argument("rest", nargs=argparse.REMAINDER, help="-- then evaluate.py's arguments")
     args = parser.parse_args()
     evaluate_args = args.rest[1:] if args.rest[:1] == ["--"] else args.rest
@@ -54,6 +78,7 @@ def main():
         if id(model) in hooked:
             return
         hooked.add(id(model))
+        scale_residual_branches(model, args.residual_scale)
         for calls, layers in ((encoder_calls, model.encoder.layers), (decoder_calls, model.decoder.layers)):
             for index, layer in enumerate(layers):
                 layer.register_forward_hook(lambda module, inputs, output, i=index, log=calls: log.append(i))
