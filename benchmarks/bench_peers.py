@@ -59,21 +59,24 @@ BEGIN, END = "<!-- bench_peers:begin -->", "<!-- bench_peers:end -->"
 
 
 def repeat_tsv(src: Path, dst: Path, rows: int, id_cols) -> Path:
-    """The rows of `src` cycled to `rows` rows; copy k > 0 of a row gets ids `<id>k<k>` in `id_cols`
-    (one id per row, as both peers' result files key on it)."""
+    """The rows of `src` cycled to `rows` rows. When a row appears more than once, every copy k
+    gets the ids `<id><k>` in `id_cols` (k zero-padded to one width, so ids stay distinct, and
+    numeric where they were: our exit statistics take integer ids)."""
     csv.field_size_limit(1 << 30)
     with open(src, newline="", encoding="utf-8") as f:
         base = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
     if not base:
         raise ValueError(f"{src} has no rows")
+    copies = -(-rows // len(base))
+    width = len(str(copies - 1)) if copies > 1 else 0
     dst.parent.mkdir(parents=True, exist_ok=True)
     with open(dst, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f, delimiter="\t", quoting=csv.QUOTE_NONE, lineterminator="\n", escapechar=None)
         for n in range(rows):
             row, copy = list(base[n % len(base)]), n // len(base)
-            if copy:
+            if width:
                 for col in id_cols:
-                    row[col] = f"{row[col]}k{copy}"
+                    row[col] = f"{row[col]}{copy:0{width}d}"
             writer.writerow(row)
     return dst
 
