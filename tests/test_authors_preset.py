@@ -115,3 +115,21 @@ def test_full_depth_fraction_counts_the_steps_below_it():
     assert MuEConfig(mue_full_depth_steps=0.5).full_depth_steps(18) == 9  # exactly 9: steps 0..8
     assert MuEConfig(mue_full_depth_steps=1 / 3).full_depth_steps(18) == 6  # 6.000000000000001 counts as 6
     assert MuEConfig(mue_full_depth_steps=3).full_depth_steps(17) == 3  # a count
+
+
+def test_authors_preset_stops_only_above_the_threshold():
+    """Their code stops when the cosine exceeds the threshold; the paper's rule is >=."""
+    import torch
+
+    from mue_fairseq.exits.config import MuEConfig
+    from mue_fairseq.exits.policies import StreamExitDecider, TokenExitDecider
+
+    new, old = torch.tensor([[[3.0, 4.0]]]), torch.tensor([[[4.0, 3.0]]])  # cosine 24/25, exactly 0.96 in float32
+    for preset, stops in (("none", True), ("authors", False)):
+        cfg = MuEConfig(mue_preset=preset, mue_image_threshold=0.96, mue_decoder_threshold=0.96)
+        stream = StreamExitDecider(cfg, cfg.mue_image_threshold, 0, num_layers=2)
+        assert stream(0, new, old, None).tolist() == [stops]
+        tokens = TokenExitDecider(cfg, num_layers=2, predict=None)
+        assert tokens.begin_step(1, step=10, num_steps=17, device="cpu")
+        tokens.threshold = 0.96  # this step's scheduled value, set to the cosine itself
+        assert tokens(0, new[0], old[0], torch.tensor([0])).tolist() == [stops]

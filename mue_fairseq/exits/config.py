@@ -3,6 +3,7 @@ import argparse
 import math
 from dataclasses import dataclass, field, fields
 
+import torch
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 
 ENCODER_MODES = ChoiceEnum(["decomposed", "joint"])
@@ -81,7 +82,7 @@ class MuEConfig(FairseqDataclass):
         metadata={"help": "authors: behave as the MuE authors' code (Tangshengku/OFA) does: decomposed "
                   "encoder, --mue-batch-joint-exit, --mue-drop-image-rel-bias, --mue-kv-policy none, "
                   "their schedule 0.9*theta + 0.1*exp(-(step+1)/(max_len+1)) and full depth while "
-                  "step < (max_len+1)/3 (decoder exits even at --mue-decoder-threshold 1, as their "
+                  "step < (max_len+1)/3, a stop when the cosine exceeds (>) the threshold (decoder exits even at --mue-decoder-threshold 1, as their "
                   "schedule then stays below 1). Options it sets that are left at their defaults take its "
                   "values; a different explicit value is an error. none: the paper's method"},
     )
@@ -157,6 +158,11 @@ class MuEConfig(FairseqDataclass):
     @property
     def kv_policy(self) -> str:
         return str(self.mue_kv_policy)
+
+    @property
+    def similarity_passes(self):
+        """The exit test on a cosine: >= the threshold (the paper), or > as the authors' code has it."""
+        return torch.gt if str(self.mue_preset) == "authors" else torch.ge
 
     def encoder_exits_enabled(self) -> bool:
         if self.policy == "similarity":
