@@ -176,7 +176,10 @@ def test_encode_matches_ofa_ids_and_decodes_back(ofa_text):
     tokens = encode_text(" what does the image describe?", bpe, dictionary)
     assert tokens.tolist() == [99, 473, 5, 2274, 6190, 116]
     assert decode_tokens([0] + tokens.tolist() + [2, 1, 1], bpe, dictionary) == " what does the image describe?"
-    assert decode_tokens([dictionary.unk(), 50264, 50265], bpe, dictionary, unk_string="UNK") == " UNK <mask> <code_0>"
+    assert decode_tokens([dictionary.unk(), 50264, 50265], bpe, dictionary, unk_string="UNK") == "UNK<mask><code_0>"
+    # OFA's decode glues symbols outside GPT-2's vocabulary to the words around them.
+    dog = encode_text(" dog", bpe, dictionary).tolist()
+    assert decode_tokens(dog + [50265, 50265] + dog, bpe, dictionary) == " dog<code_0><code_0> dog"
 
 
 @pytest.mark.parametrize("missing", ["dict.txt", "encoder.json", "vocab.bpe"])

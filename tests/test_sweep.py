@@ -70,6 +70,17 @@ def test_evaluate_command_drops_sweep_options_and_sets_thresholds():
                        "--mue-text-threshold", "0.8", "--mue-decoder-threshold", "1.0"]
 
 
+def test_sweep_refuses_the_authors_preset():
+    from types import SimpleNamespace
+
+    from mue_fairseq.cli.sweep import Sweeper
+    from mue_fairseq.exits.config import MuEConfig
+
+    model = SimpleNamespace(set_exit_options=None, mue=MuEConfig(mue_preset="authors"))
+    with pytest.raises(ValueError, match="without --mue-preset authors"):
+        Sweeper([model], task=None, cfg=None, subset="valid")
+
+
 # ----------------------------------------------------------------------------- on a checkpoint
 @pytest.fixture(scope="module")
 def snli(tmp_path_factory):

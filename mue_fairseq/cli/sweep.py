@@ -69,6 +69,11 @@ class Sweeper:
                              "load the checkpoint with a --mue-* option")
         if model.mue.policy != "similarity":
             raise ValueError(f"the sweep varies similarity thresholds; --mue-exit-policy is {model.mue.policy!r}")
+        if str(model.mue.mue_preset) == "authors":
+            # Its decoder still exits at thresholds 1 (the authors' schedule stays below 1), so the
+            # sweep's reference point would not be full depth.
+            raise ValueError("the sweep's reference (thresholds 1) is full depth only without --mue-preset "
+                             "authors; sweep without the preset")
         if repeats < 1:
             raise ValueError(f"--repeats must be >= 1, got {repeats}")
         self.models, self.task, self.cfg = models, task, cfg

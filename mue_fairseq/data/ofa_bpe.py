@@ -16,7 +16,6 @@ from fairseq.data import Dictionary
 from fairseq.data.encoders.gpt2_bpe import GPT2BPE, GPT2BPEConfig
 
 BPE_DIR_FILES = ("dict.txt", "encoder.json", "vocab.bpe")
-_GPT2_SPACE = "\u0120"
 
 
 def check_bpe_dir(bpe_dir: Optional[str]) -> str:
@@ -72,7 +71,9 @@ def decode_tokens(
     """Text of dictionary ids; bos, eos and pad are dropped, ``<unk>`` becomes ``unk_string``.
 
     Symbols outside the GPT-2 vocabulary (``<mask>``, ``<code_*>``, ``<bin_*>``,
-    ``unk_string``) come out as words of their own.
+    ``unk_string``) are written as they are, glued to their neighbours: OFA's GPT2BPE.decode
+    joins them without a space ("a<code_5> dog"), and OFA's (and the MuE authors') captions
+    are that text without punctuation ("acode5 dog").
     """
     skip = {dictionary.bos(), dictionary.eos(), dictionary.pad()}
     pieces: List[Union[int, str]] = []
@@ -84,8 +85,7 @@ def decode_tokens(
         if symbol.isdigit():
             pieces.append(int(symbol))
         else:
-            # GPT-2's byte-level alphabet writes a leading space as this character.
-            pieces.append(_GPT2_SPACE + symbol)
+            pieces.append(symbol)
     return bpe.bpe.decode(pieces)
 
 

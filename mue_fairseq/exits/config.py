@@ -1,13 +1,30 @@
 """MuE options: where and how the encoder streams and decoder tokens may stop early."""
 import argparse
+import math
 from dataclasses import dataclass, field, fields
 from typing import Dict, List
 
+import torch
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 
 ENCODER_MODES = ChoiceEnum(["decomposed", "joint"])
 EXIT_POLICIES = ChoiceEnum(["similarity", "static", "entropy", "patience", "confidence"])
 KV_POLICIES = ChoiceEnum(["propagate", "copy", "recompute", "none"])
+PRESETS = ChoiceEnum(["none", "authors"])
+
+# What the authors' code does, as MuE options (their schedule's 0.9 / 0.1 and tau 1 are our defaults).
+AUTHORS_PRESET = {
+    "mue_encoder_mode": "decomposed",
+    "mue_batch_joint_exit": True,
+    "mue_drop_image_rel_bias": True,
+    "mue_kv_policy": "none",
+    "mue_decoder_beta": 0.9,
+    "mue_decoder_tau": 1.0,
+    "mue_full_depth_steps": 1 / 3,
+}
+_CHOICE_FIELDS = ("mue_encoder_mode", "mue_exit_policy", "mue_kv_policy", "mue_preset")
+# Slack for float error when a fraction of the step budget lands on a whole number (1/3 * 18).
+_STEP_EPS = 1e-9
 
 
 @dataclass
@@ -40,8 +57,9 @@ class MuEConfig(FairseqDataclass):
     mue_decoder_tau: float = field(default=1.0, metadata={"help": "tau (decay rate) of the decoder threshold schedule"})
     mue_full_depth_steps: float = field(
         default=0.0,
-        metadata={"help": "first decoding steps kept at full depth: a count (>= 1) or a fraction of the "
-                  "step budget (< 1); 0 as in the paper, 0.34 like the authors' code (first third)"},
+        metadata={"help": "first decoding steps kept at full depth: a count (>= 1), or a fraction f < 1 of "
+                  "the step budget N = max_len + 1 (the steps with step < f*N); 0 as in the paper, 1/3 as "
+                  "the authors' code (6 of 17 steps at --max-len-b 16)"},
     )
     mue_kv_policy: KV_POLICIES = field(
         default="propagate",
@@ -59,6 +77,15 @@ class MuEConfig(FairseqDataclass):
         default=False,
         metadata={"help": "reproduce the authors' code, which discards the image stream's relative "
                   "position bias in the decomposed encoder"},
+    )
+    mue_preset: PRESETS = field(
+        default="none",
+        metadata={"help": "authors: behave as the MuE authors' code (Tangshengku/OFA) does: decomposed "
+                  "encoder, --mue-batch-joint-exit, --mue-drop-image-rel-bias, --mue-kv-policy none, "
+                  "their schedule 0.9*theta + 0.1*exp(-(step+1)/(max_len+1)) and full depth while "
+                  "step < (max_len+1)/3, a stop when the cosine exceeds (>) the threshold (decoder exits even at --mue-decoder-threshold 1, as their "
+                  "schedule then stays below 1). Options it sets that are left at their defaults take its "
+                  "values; a different explicit value is an error. none: the paper's method"},
     )
     mue_static_image_layers: int = field(
         default=0, metadata={"help": "static depth of the image stream (0 = all layers)"}
@@ -91,10 +118,24 @@ class MuEConfig(FairseqDataclass):
             if int(getattr(self, name)) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         for name, choices in (("mue_encoder_mode", ENCODER_MODES), ("mue_exit_policy", EXIT_POLICIES),
-                              ("mue_kv_policy", KV_POLICIES)):
+                              ("mue_kv_policy", KV_POLICIES), ("mue_preset", PRESETS)):
             allowed = [str(choice) for choice in choices]
             if str(getattr(self, name)) not in allowed:
                 raise ValueError(f"--{name.replace('_', '-')} must be one of {allowed}, got {getattr(self, name)!r}")
+        if str(self.mue_preset) == "authors":
+            self._apply_preset(AUTHORS_PRESET)
+
+    def _apply_preset(self, preset: dict) -> None:
+        defaults = {f.name: f.default for f in fields(self)}
+        for name, value in preset.items():
+            current = getattr(self, name)
+            current = str(current) if isinstance(value, str) else current
+            if current == value:
+                continue
+            if current != defaults[name]:
+                raise ValueError(f"--mue-preset {self.mue_preset} sets --{name.replace('_', '-')} {value}; "
+                                 f"got {current!r}")
+            setattr(self, name, value)
 
     @classmethod
     def from_namespace(cls, args: argparse.Namespace) -> "MuEConfig":
@@ -103,7 +144,7 @@ class MuEConfig(FairseqDataclass):
         for f in fields(cls):
             value = getattr(args, f.name, None)
             if value is not None:
-                values[f.name] = str(value) if f.name in ("mue_encoder_mode", "mue_exit_policy", "mue_kv_policy") else value
+                values[f.name] = str(value) if f.name in _CHOICE_FIELDS else value
         return cls(**values)
 
     # -- derived switches, read on the hot path ---------------------------------------
@@ -119,6 +160,11 @@ class MuEConfig(FairseqDataclass):
     def kv_policy(self) -> str:
         return str(self.mue_kv_policy)
 
+    @property
+    def similarity_passes(self):
+        """The exit test on a cosine: >= the threshold (the paper), or > as the authors' code has it."""
+        return torch.gt if str(self.mue_preset) == "authors" else torch.ge
+
     def encoder_exits_enabled(self) -> bool:
         if self.policy == "similarity":
             return self.mue_image_threshold < 1 or self.mue_text_threshold < 1
@@ -126,7 +172,9 @@ class MuEConfig(FairseqDataclass):
 
     def decoder_exits_enabled(self) -> bool:
         return {
-            "similarity": self.mue_decoder_threshold < 1,
+            # The authors' schedule falls below 1 even for theta = 1 (0.9 + 0.1*exp(-t/N)), and
+            # their decoder exits whenever the cosine exceeds it.
+            "similarity": self.mue_decoder_threshold < 1 or str(self.mue_preset) == "authors",
             "static": self.mue_static_decoder_layers > 0,
             "entropy": self.mue_entropy_threshold > 0,
             "confidence": self.mue_confidence_threshold < 1,
@@ -134,9 +182,16 @@ class MuEConfig(FairseqDataclass):
         }[self.policy]
 
     def full_depth_steps(self, num_steps: int) -> int:
-        """Number of leading decoding steps that run at full depth, given the step budget."""
+        """Number of leading decoding steps that run at full depth, given the step budget.
+
+        A fraction f keeps the steps with step < f * num_steps, i.e. ceil(f * num_steps), as the
+        authors' `step < (max_len + 1) / 3`; a product a hair above a whole number (float error,
+        e.g. 1/3 * 18) counts as that number.
+        """
         value = float(self.mue_full_depth_steps)
-        return int(value) if value >= 1 else int(value * num_steps)
+        if value >= 1:
+            return int(value)
+        return max(0, math.ceil(value * num_steps - _STEP_EPS))
 
 
 # Options read by one exit policy only (with their defaults, which mean "not used").

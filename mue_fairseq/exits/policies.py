@@ -20,6 +20,7 @@ class StreamExitDecider:
     def __init__(self, cfg: MuEConfig, threshold: float, static_layers: int, num_layers: int):
         self.num_layers = num_layers
         self.batch_joint = cfg.mue_batch_joint_exit
+        self.passes = cfg.similarity_passes
         if cfg.policy == "similarity":
             self.threshold = threshold if threshold < 1 else None
             self.static_layers = 0
@@ -37,8 +38,8 @@ class StreamExitDecider:
         if self.static_layers:
             return torch.full((batch,), layer_idx + 1 >= self.static_layers, dtype=torch.bool, device=new.device)
         if self.batch_joint:
-            return (batch_cosine(new, old) >= self.threshold).expand(batch)
-        return stream_cosine(new, old, padding) >= self.threshold
+            return self.passes(batch_cosine(new, old), self.threshold).expand(batch)
+        return self.passes(stream_cosine(new, old, padding), self.threshold)
 
 
 class TokenExitDecider:
@@ -82,8 +83,8 @@ class TokenExitDecider:
                               dtype=torch.bool, device=new.device)
         if policy == "similarity":
             if self.cfg.mue_batch_joint_exit:
-                return (batch_cosine(new, old) >= self.threshold).expand(new.size(0))
-            return stream_cosine(new.unsqueeze(0), old.unsqueeze(0)) >= self.threshold
+                return self.cfg.similarity_passes(batch_cosine(new, old), self.threshold).expand(new.size(0))
+            return self.cfg.similarity_passes(stream_cosine(new.unsqueeze(0), old.unsqueeze(0)), self.threshold)
         logits = self.predict(new).float()
         if policy == "entropy":
             log_probs = torch.log_softmax(logits, dim=-1)

@@ -386,7 +386,7 @@ class MuEDecoder(OFADecoder):
                     0, groups[going], row_going).eq(0)
             else:
                 sims = group_cosine(state, h, pad, groups[going], num_groups)
-                group_done = sims >= cfg.mue_decoder_threshold
+                group_done = cfg.similarity_passes(sims, cfg.mue_decoder_threshold)
             done = group_done[groups[going]]
             if bool(done.any()):
                 leaving, staying = done.nonzero().squeeze(1), (~done).nonzero().squeeze(1)
