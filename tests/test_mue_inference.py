@@ -401,3 +401,24 @@ def test_teacher_forced_prediction_policies_judge_the_named_position(models, pol
         mue.set_exit_options(mue_exit_policy="similarity", mue_confidence_threshold=1.0, mue_entropy_threshold=0.0,
                              mue_patience=0)
     assert extra["exit_layers"][0].tolist() == expected.tolist()
+
+
+def test_ensemble_refuses_exits_and_runs_without_them():
+    """An ensemble averages every step over its models, so exits are refused with a clear error; at full
+    depth the ensemble of two copies of a model gives that model's tokens."""
+    _, first, dictionary = build_pair(seed=0)
+    _, second, _ = build_pair(seed=0)
+    sample = tiny_batch(dictionary, batch=2, seed=4)
+    for model in (first, second):
+        model.set_exit_options(mue_encoder_mode="joint", mue_image_threshold=1.0, mue_text_threshold=1.0,
+                               mue_decoder_threshold=1.0)
+    generator = OFASequenceGenerator([first, second], dictionary, beam_size=2, max_len_b=6, min_len=1)
+    with torch.no_grad():
+        ensemble = generator.generate([first, second], sample)
+    alone = generate(first, dictionary, sample, max_len_b=6)
+    for ours, single in zip(ensemble, alone):
+        assert [h["tokens"].tolist() for h in ours] == [h["tokens"].tolist() for h in single]
+    second.set_exit_options(mue_decoder_threshold=0.5)
+    with pytest.raises(ValueError, match="MuE exits work with one model, not an ensemble of 2"):
+        with torch.no_grad():
+            generator.generate([first, second], sample)

@@ -115,6 +115,15 @@ class OFASequenceGenerator(SequenceGenerator):
     def _generate(self, sample: Dict[str, Dict[str, Tensor]], prefix_tokens: Optional[Tensor] = None,
                   constraints: Optional[Tensor] = None, bos_token: Optional[int] = None):
         self.model.prefix_lengths = None if prefix_tokens is None else prefix_tokens.ne(self.pad).sum(dim=1)
+        if self.model.models_size > 1:
+            from mue_fairseq.tasks.exit_validation import has_exits
+
+            if any(has_exits(model) for model in self.model.models):
+                raise ValueError(
+                    f"MuE exits work with one model, not an ensemble of {self.model.models_size}: the ensemble "
+                    "averages every step's prediction over all models, so no model can stop early on its own. "
+                    "Evaluate one checkpoint at a time, or leave the thresholds at 1 for the ensemble"
+                )
         for model in self.model.models:
             if getattr(model.decoder, "supports_exits", False):
                 # The decoder's threshold schedule decays over the step budget N = max_len + 1.
