@@ -280,3 +280,28 @@ def test_warmup_ratio_without_max_epoch_warns_as_ofa_ignores_it(data_dir, caplog
         apply_warmup_ratio(cfg, args.warmup_ratio)
     assert (cfg.lr_scheduler.total_num_update, cfg.lr_scheduler.warmup_updates) == (9, 0)
     assert re.search(r"--warmup-ratio 0\.2 has no effect without --max-epoch", caplog.text)
+
+
+def test_ofa_caption_script_on_two_processes_from_an_ofa_checkpoint(data_dir, tmp_path):
+    """OFA's stage-1 caption script as its launcher runs it (two processes, `--restore-file` an OFA
+    checkpoint): the other rank takes the checkpoint rank 0 read, both train, rank 0 validates and saves."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    save_dir = tmp_path / "checkpoints"
+    argv = caption_stage1_args(data_dir, save_dir) + ["--distributed-world-size=2"]
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+         "-m", "mue_fairseq.cli.train", *argv],
+        cwd=REPO, capture_output=True, text=True, env=_child_env(), timeout=600)
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-6000:]
+    assert "Weights only load failed" not in log
+    # 8 rows in batches of 8: one batch, so one per process at most; 5 updates over --max-epoch 5
+    assert [int(r["num_updates"]) for r in log_records(log, "train")] == [1, 2], log[-3000:]
+    assert any("cider" in record for record in log_records(log, "valid"))
+    saved = torch.load(save_dir / "checkpoint_last.pt", map_location="cpu", weights_only=False)
+    assert saved["optimizer_history"][-1]["num_updates"] == 2
+    assert saved["cfg"]["distributed_training"]["distributed_world_size"] == 2
