@@ -26,10 +26,13 @@ from typing import Dict, List, Optional, Tuple
 
 from PIL import Image
 
-from data_utils.synthetic_task import (
-    COLORS, GRID, HOLLOW, SHAPES, Scene, SceneObject, SyntheticTaskConfig, _article, _position_phrase, _radius,
-    _shape_polygon, _write_jsonl, _write_tsv, image_to_base64, render_scene, sample_scene,
+from data_utils.synthetic.config import SyntheticTaskConfig
+from data_utils.synthetic.language import _article, _position_phrase
+from data_utils.synthetic.scene import (
+    COLORS, Scene, SceneObject, _radius, _shape_polygon, image_to_base64, render_scene, sample_scene,
 )
+from data_utils.synthetic.writers import _write_jsonl, _write_tsv
+from mue_fairseq.metrics.synthetic_content import GRID, HOLLOW, SHAPES
 
 VQA_COLUMNS = ("question-id", "image-id", "question", "answers", "object-labels", "image-base64")
 REFCOCO_COLUMNS = ("uniq-id", "image-id", "text", "region-coord", "image-base64")
