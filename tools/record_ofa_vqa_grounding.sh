@@ -14,7 +14,7 @@
 #   refcoco/    base/ (one update of OFA's train.py: the model's shape), init.pt (that checkpoint with its
 #               token embeddings and ResNet convolutions set to exact values: interop_checkpoint.py init),
 #               checkpoint_last.pt written by OFA's train.py from init.pt with those tensors frozen
-#               (ofa_tiny cut down to d=32, 2+2 layers; $UPDATES updates, default 80, on $NUM_TRAIN
+#               (ofa_tiny cut down to d=32, 2+2 layers; $UPDATES updates, default 300, on $NUM_TRAIN
 #               training images, default 32; tools/ofa_train_frozen_resnet.py freezes the convolutions,
 #               which OFA has no option for), and OFA's evaluate.py outputs on refcoco_test.tsv:
 #               test_predict.json, evaluate.log and outputs.json (every beam hypothesis)
@@ -59,7 +59,7 @@ MODEL=(--arch=ofa_tiny --encoder-embed-dim=32 --decoder-embed-dim=32 --encoder-f
        --add-type-embedding --scale-attn --scale-fc --scale-heads --disable-entangle --dropout=0.1
        --attention-dropout=0.0)
 TRAIN=(--bpe-dir="$BPE_DIR" --user-dir=../../ofa_module --criterion=adjust_label_smoothed_cross_entropy
-       --label-smoothing=0.1 --optimizer=adam --adam-betas="(0.9,0.999)" --lr=3e-3 --max-update="${UPDATES:-80}" --batch-size=8
+       --label-smoothing=0.1 --optimizer=adam --adam-betas="(0.9,0.999)" --lr=3e-3 --max-update="${UPDATES:-300}" --batch-size=8
        --cpu --num-workers=0 --seed=1 --log-format=simple --log-interval=1 --disable-validation
        --no-epoch-checkpoints --no-save-optimizer-state --max-src-length=40 --max-tgt-length=10 --num-bins=1000)
 # The large tensors stay at the exact values of init.pt, so the fixtures hold only what training changed.
@@ -132,7 +132,7 @@ OFA-Sys/OFA at \`$OFA_COMMIT\` and its fairseq fork
 Data: \`data_utils.synthetic_vqa_grounding\` (seed 7, ${NUM_TRAIN:-32} training images). Model: ofa_tiny at
 d=32, 2+2 layers, resnet18, 64 px. Training: one update of OFA's train.py gives the shape; its token
 embeddings and ResNet convolutions are set to exact values (\`tools/ofa_harness/interop_checkpoint.py init\`:
-integers from numpy's legacy RandomState times a power of two); then ${UPDATES:-80} Adam updates of OFA's
+integers from numpy's legacy RandomState times a power of two); then ${UPDATES:-300} Adam updates of OFA's
 train.py with those tensors frozen (\`--freeze-encoder-embedding --freeze-decoder-embedding\`, and
 \`tools/ofa_train_frozen_resnet.py\` for the convolutions, which OFA's own \`--freeze-resnet\` leaves trainable).
 Two patches to OFA's tree, none in the model: evaluate.py keeps its score accumulators on the CPU, and the
