@@ -201,7 +201,7 @@ def test_synthetic_grounding_boxes_enclose_their_objects(tmp_path):
 
     from PIL import Image
 
-    from data_utils.synthetic_task import COLORS
+    from data_utils.synthetic.scene import COLORS
     from data_utils.synthetic_vqa_grounding import build_vqa_grounding_task
 
     paths = build_vqa_grounding_task(str(tmp_path), seed=5, num_train=1, num_valid=12, num_test=1,
