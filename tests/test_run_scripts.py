@@ -280,3 +280,67 @@ def test_snli_ve_sweep_then_evaluate_scripts(snli, tmp_path):
     assert summary["mean_exit_layers"]["text"] < summary["layers"]["encoder"]
     assert summary["mean_exit_layers"]["decoder"] == summary["layers"]["decoder"]
     assert len(json.loads((eval_dir / "valid_predict.json").read_text())) == 12
+
+
+@pytest.mark.parametrize("task", ["vqa", "refcoco"])
+def test_vqa_and_refcoco_train_commands_parse_as_fairseq_train_arguments(task, tmp_path):
+    from fairseq import options
+
+    env = {"PATH": no_gpu_path(tmp_path), "total_num_update": "100", "log_dir": str(tmp_path / "logs"),
+           "save_dir": str(tmp_path / "ckpt")}
+    command = dry_run(SCRIPTS / task / f"train_{task}_mue.sh", env)
+    train_argv = command[command.index("fairseq_cli.train") + 1:]
+    args = options.parse_args_and_arch(options.get_training_parser(), train_argv)
+    assert args.arch == "mue_ofa_base" and args.criterion == "mue_layerwise_ce"
+    if task == "vqa":
+        assert args.task == "vqa_gen" and args.uses_ema and args.store_ema and args.add_object
+        assert args.valid_batch_size == 20 and args.max_object_length == 30 and args.keep_last_epochs == 15
+    else:
+        assert args.task == "refcoco" and args.eval_acc and json.loads(args.eval_args)["max_len_b"] == 4
+
+
+@pytest.fixture(scope="module")
+def tiny_vqa(tmp_path_factory):
+    return tiny_checkpoint("vqa_gen", tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def tiny_refcoco(tmp_path_factory):
+    return tiny_checkpoint("refcoco", tmp_path_factory)
+
+
+@pytest.mark.parametrize("inference", ["allcand", "beamsearch"])
+def test_vqa_evaluate_script_runs(tiny_vqa, inference, tmp_path):
+    eval_dir = tmp_path / "eval"
+    run_script(SCRIPTS / "vqa" / "evaluate_vqa_mue.sh",
+               {"data": str(tiny_vqa.split("valid")), "path": str(tiny_vqa.checkpoint), "bpe_dir": tiny_vqa.bpe_dir,
+                "ans2label_file": str(tiny_vqa.data_dir / "vqa_ans2label.pkl"), "batch_size": "4",
+                "inference": inference, "result_path": str(eval_dir), "img_thres": "0.3", "txt_thres": "0.3",
+                "mue_args": "--no-plots", "PATH": no_gpu_path(tmp_path), "PYTHON": sys.executable}, "valid")
+    scores = json.loads((eval_dir / "valid_scores.json").read_text())
+    assert scores["num_samples"] == len(tiny_vqa.split("valid").read_text().splitlines())
+    predictions = json.loads((eval_dir / "valid_predict.json").read_text())
+    assert len(predictions) == scores["num_samples"] and {"question_id", "answer"} <= set(predictions[0])
+    summary = json.loads((eval_dir / "valid_exit_stats.json").read_text())["summary"]
+    assert summary["mean_exit_layers"]["text"] < summary["layers"]["encoder"]
+
+
+def test_refcoco_sweep_then_evaluate_scripts(tiny_refcoco, tmp_path):
+    common = {"data": str(tiny_refcoco.split("valid")), "path": str(tiny_refcoco.checkpoint),
+              "bpe_dir": tiny_refcoco.bpe_dir, "batch_size": "4", "PATH": no_gpu_path(tmp_path),
+              "PYTHON": sys.executable}
+    sweep_dir = tmp_path / "sweep"
+    run_script(SCRIPTS / "refcoco" / "sweep_refcoco_mue.sh",
+               {**common, "result_path": str(sweep_dir), "image_thresholds": "1,0.3", "text_thresholds": "1",
+                "decoder_thresholds": "1", "target": "0.01", "warmup_batches": "1"}, "val")
+    with open(sweep_dir / "refcoco_val_sweep.csv", newline="") as handle:
+        assert len(list(csv.DictReader(handle))) == 2
+    calibration = sweep_dir / "refcoco_val_calibration.json"
+    eval_dir = tmp_path / "eval"
+    run_script(SCRIPTS / "refcoco" / "evaluate_refcoco_mue.sh",
+               {**common, "result_path": str(eval_dir), "calibration": str(calibration), "mue_args": "--no-plots"},
+               "val")
+    scores = json.loads((eval_dir / "refcoco_val_scores.json").read_text())
+    assert scores["num_samples"] == len(tiny_refcoco.split("valid").read_text().splitlines())
+    predictions = json.loads((eval_dir / "refcoco_val_predict.json").read_text())
+    assert len(predictions) == scores["num_samples"]
