@@ -11,8 +11,8 @@ is ``conf|!+answer`` entries joined by ``&&``, highest confidence first. The con
 is VQA's official accuracy of that answer against the human answers: min(1, matches/3) averaged over
 the leave-one-out subsets of the (10) human answers, so 1, 2, 3, >=4 matches give 0.3, 0.6, 0.9, 1.0.
 That is what OFA's data holds (its README's example row ``0.6|!+no``; LXMERT's preprocessing, which
-OFA follows, gives the same numbers), not the plain min(1, count/3). Answers are lower-cased and
-whitespace-collapsed, with a trailing period dropped. The object-labels column is left empty (OFA's
+OFA follows, gives the same numbers), not the plain min(1, count/3). Answers are normalised first as
+VQA's evaluation does (`normalize_answer`: "Two." and "2" are one answer). The object-labels column is left empty (OFA's
 VinVL labels are not part of VQAv2).
 
 ``--rows-per-answer`` writes one row per distinct answer instead (OFA's training layout: "questions
@@ -36,6 +36,7 @@ import json
 import logging
 import os
 import pickle
+import re
 from collections import Counter
 from typing import Optional
 
@@ -56,9 +57,28 @@ CONFIDENCE_SEPARATOR = "|!+"
 LOG_EVERY = 50000
 
 
+NUMBER_WORDS = {
+    "none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
+    "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10",
+}
+ARTICLES = frozenset(("a", "an", "the"))
+# VQA's evaluation splits words at these (periods and apostrophes are handled apart)
+_PUNCTUATION = re.compile(r"[;/\[\]\"{}()=+\\_\-<>@`,?!]")
+_PERIOD = re.compile(r"(?<!\d)\.|\.(?!\d)")  # a period that is not a decimal point
+_THOUSANDS = re.compile(r"(?<=\d),(?=\d)")
+
+
 def normalize_answer(answer: str) -> str:
-    """Lower-case, whitespace-collapsed answer without a trailing period."""
-    return clean_text(answer).lower().rstrip(".").strip()
+    """An answer as VQA's evaluation compares them (and OFA's candidate answers are written).
+
+    Lower case; thousands separators and periods (not decimal points) dropped; other punctuation
+    splits words; number words up to ten become digits; articles are dropped. VQA's table of
+    contractions is not applied.
+    """
+    text = _THOUSANDS.sub("", answer.lower())
+    text = _PUNCTUATION.sub(" ", _PERIOD.sub("", text))
+    words = [NUMBER_WORDS.get(w, w) for w in text.split() if w not in ARTICLES]
+    return " ".join(words)
 
 
 def answer_confidences(answers: list[str]) -> dict[str, float]:

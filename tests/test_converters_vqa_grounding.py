@@ -12,7 +12,7 @@ from PIL import Image
 
 from data_utils.conversion import BadRowError
 from data_utils.convert_refcoco import cli_main as refcoco_cli, convert_refcoco
-from data_utils.convert_vqa import answer_confidences, cli_main as vqa_cli, convert_vqa
+from data_utils.convert_vqa import answer_confidences, cli_main as vqa_cli, convert_vqa, normalize_answer
 from mue_fairseq.data.location_tokens import parse_box
 
 
@@ -41,6 +41,12 @@ def test_answer_confidences_are_vqa_official_accuracy():
     assert answer_confidences(["x", "y", "y"]) == {"x": 0.2222, "y": 0.4444}
 
 
+def test_normalize_answer_as_vqa_evaluation():
+    assert [normalize_answer(a) for a in ("Red.", "Two", "the T-shirt", "1,000", "3.5", "yes/no", "Hello!!", "A")] == [
+        "red", "2", "t shirt", "1000", "3.5", "yes no", "hello", ""
+    ]
+
+
 def _vqa_fixture(tmp_path):
     images = tmp_path / "train2014"
     _save_png(str(images / "COCO_train2014_000000000001.png"), (8, 6), (255, 0, 0))
@@ -62,8 +68,8 @@ def _vqa_fixture(tmp_path):
         {"question_id": 10, "answers": answers(*(["Red"] * 7 + ["red."] + ["pink"] * 2))},
         {"question_id": 11, "answers": answers(*(["yes"] * 9 + ["no"]))},
         {"question_id": 12, "answers": answers(*(["left"] * 10))},
-        {"question_id": 13, "answers": answers("", " ")},
-        {"question_id": 16, "answers": answers(*(["square"] * 3 + ["box"] * 3 + ["cube"] * 4))},
+        {"question_id": 13, "answers": answers("", " ", "a")},
+        {"question_id": 16, "answers": answers(*(["square"] * 3 + ["box"] * 3 + ["cube", "Cube", "a cube.", "the cube"]))},
     ]}
     q_path, a_path = tmp_path / "questions.json", tmp_path / "annotations.json"
     q_path.write_text(json.dumps(questions))
