@@ -13,7 +13,8 @@ the leave-one-out subsets of the (10) human answers, so 1, 2, 3, >=4 matches giv
 That is what OFA's data holds (its README's example row ``0.6|!+no``; LXMERT's preprocessing, which
 OFA follows, gives the same numbers), not the plain min(1, count/3). Answers are normalised first as
 VQA's evaluation does (`normalize_answer`: "Two." and "2" are one answer). The object-labels column is left empty (OFA's
-VinVL labels are not part of VQAv2).
+VinVL labels are not part of VQAv2). Without annotations (test-dev, test) every row gets a placeholder
+answer ``1.0|!+no``, as OFA's test TSV holds a dummy one.
 
 ``--rows-per-answer`` writes one row per distinct answer instead (OFA's training layout: "questions
 with multiple golden answers become multiple training samples"), each weighted by its confidence.
@@ -54,6 +55,9 @@ DEFAULT_IMAGE_PATTERN = "COCO_{subtype}_{image_id:012d}.jpg"
 DEFAULT_NUM_ANSWERS = 3129  # the size of OFA's (and the VQA literature's) trainval_ans2label.pkl
 ANSWER_SEPARATOR = "&&"
 CONFIDENCE_SEPARATOR = "|!+"
+# The answers column of questions without annotations (test-dev, test), a placeholder as in OFA's
+# test TSV: the predictions, not the score, are what such a split is evaluated for.
+TEST_PLACEHOLDER_ANSWER = "no"
 LOG_EVERY = 50000
 
 
@@ -146,7 +150,7 @@ def build_ans2label(answers: dict[int, list[str]], num_answers: int) -> dict[str
 
 def convert_vqa(
     questions_json: str,
-    annotations_json: str,
+    annotations_json: Optional[str],
     image_root: str,
     out_dir: str,
     split: str = "train",
@@ -163,7 +167,12 @@ def convert_vqa(
     if num_answers < 1:
         raise ValueError(f"num_answers must be positive, got {num_answers}")
     questions_doc, questions = _load_list(questions_json, "questions")
-    _, annotations = _load_list(annotations_json, "annotations")
+    if annotations_json is None:  # test-dev / test: no answers are published
+        if ans2label_path is not None:
+            raise ValueError("--ans2label needs --annotations: the candidate answers are counted from them")
+        annotations = []
+    else:
+        _, annotations = _load_list(annotations_json, "annotations")
     subtype = questions_doc.get("data_subtype", "")
     if "{subtype}" in image_pattern and not subtype:
         raise ValueError(f"{questions_json}: no 'data_subtype' to fill --image-pattern {image_pattern!r}")
@@ -191,10 +200,10 @@ def convert_vqa(
             if not question:
                 report.bad(questions_json, where, "missing field: empty 'question'")
                 continue
-            if qid in problems:
+            if annotations_json is not None and qid in problems:
                 report.bad(annotations_json, where, problems[qid])
                 continue
-            if qid not in answers:
+            if annotations_json is not None and qid not in answers:
                 report.bad(annotations_json, where, "question with no answer: no annotation")
                 continue
             image_path = os.path.join(image_root, image_pattern.format(subtype=subtype, image_id=image_id))
@@ -206,7 +215,10 @@ def convert_vqa(
             except OSError as e:
                 report.bad(questions_json, where, str(e))
                 continue
-            scored = sorted(answer_confidences(answers[qid]).items(), key=lambda item: (-item[1], item[0]))
+            if annotations_json is None:
+                scored = [(TEST_PLACEHOLDER_ANSWER, 1.0)]
+            else:
+                scored = sorted(answer_confidences(answers[qid]).items(), key=lambda item: (-item[1], item[0]))
             cells = [f"{conf!r}{CONFIDENCE_SEPARATOR}{answer}" for answer, conf in scored]
             groups = [[c] for c in cells] if rows_per_answer else [cells]
             for group in groups:
@@ -230,7 +242,9 @@ def convert_vqa(
 def cli_main(argv: list[str] | None = None) -> ConversionReport:
     parser = argparse.ArgumentParser(description="VQAv2 questions + annotations + COCO images -> OFA vqa_gen TSV")
     parser.add_argument("--questions", required=True, help="VQAv2 questions JSON (v2_OpenEnded_mscoco_*_questions.json)")
-    parser.add_argument("--annotations", required=True, help="VQAv2 annotations JSON (v2_mscoco_*_annotations.json)")
+    parser.add_argument("--annotations", default=None,
+                        help="VQAv2 annotations JSON (v2_mscoco_*_annotations.json); without it (test-dev, test) "
+                             f"every question gets the placeholder answer 1.0|!+{TEST_PLACEHOLDER_ANSWER}")
     parser.add_argument("--image-root", required=True, help="COCO image folder of the questions' data_subtype")
     parser.add_argument("--out-dir", required=True)
     parser.add_argument("--split", default="train", help="output name: <out-dir>/vqa_<split>.tsv")

@@ -132,6 +132,21 @@ def test_convert_vqa_rows_per_answer_and_fail_mode(tmp_path):
     ]
 
 
+def test_convert_vqa_without_annotations_writes_placeholder_answers(tmp_path):
+    q_path, a_path, images = _vqa_fixture(tmp_path)
+    out = tmp_path / "out"
+    report = vqa_cli(["--questions", q_path, "--image-root", images, "--out-dir", str(out), "--split", "test",
+                      "--image-pattern", "COCO_{subtype}_{image_id:012d}.png", "--on-bad-row", "skip"])
+    rows = _read_tsv(out / "vqa_test.tsv")
+    assert [r[0] for r in rows] == ["10", "11", "13", "15", "16"]  # every question with an image
+    assert {r[3] for r in rows} == {"1.0|!+no"}
+    assert [(b.location, b.reason.split(":")[0]) for b in report.bad_rows] == [
+        ("question_id 12", "missing image"), ("questions[4]", "missing field")
+    ]
+    with pytest.raises(ValueError, match="--ans2label needs --annotations"):
+        convert_vqa(q_path, None, images, str(out), ans2label_path=str(tmp_path / "a.pkl"))
+
+
 def test_convert_vqa_rejects_malformed_inputs(tmp_path):
     q_path, a_path, images = _vqa_fixture(tmp_path)
     broken = tmp_path / "broken.json"
