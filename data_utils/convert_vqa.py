@@ -10,9 +10,10 @@ object-labels, image-base64`` (OFA reads it with ``--selected-cols 0,5,2,3,4``).
 is ``conf|!+answer`` entries joined by ``&&``, highest confidence first. The confidence of an answer
 is VQA's official accuracy of that answer against the human answers: min(1, matches/3) averaged over
 the leave-one-out subsets of the (10) human answers, so 1, 2, 3, >=4 matches give 0.3, 0.6, 0.9, 1.0.
-That is what OFA's data holds (its README's example row ``0.6|!+no``; LXMERT's preprocessing, which
-OFA follows, gives the same numbers), not the plain min(1, count/3). Answers are normalised first as
-VQA's evaluation does (`normalize_answer`: "Two." and "2" are one answer). The object-labels column is left empty (OFA's
+That is what OFA's data holds (its README's example row ``0.6|!+no``; OFA says it follows earlier
+works' frequency-based scores, and LXMERT's preprocessed data has the same 0.3 / 0.6 / 0.9 steps),
+not the plain min(1, count/3). Answers are normalised first as VQA's evaluation does
+(`normalize_answer`: "Two." and "2" are one answer). The object-labels column is left empty (OFA's
 VinVL labels are not part of VQAv2). Without annotations (test-dev, test) every row gets a placeholder
 answer ``1.0|!+no``, as OFA's test TSV holds a dummy one.
 
