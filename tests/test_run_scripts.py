@@ -1,4 +1,4 @@
-"""run_scripts/{caption,snli_ve}/*_mue.sh: syntax, the commands they build (DRY_RUN=1) on CPU and
+"""run_scripts/{caption,snli_ve,vqa,refcoco}/*_mue.sh: syntax, the commands they build (DRY_RUN=1) on CPU and
 GPU machines, and the evaluate and sweep scripts run end to end on a tiny trained checkpoint."""
 import csv
 import json
@@ -71,13 +71,13 @@ def write_rows(path: Path, count: int) -> Path:
 # ----------------------------------------------------------------------------- syntax
 @pytest.mark.parametrize("script", [SCRIPTS / "mue_common.sh", *MUE_SCRIPTS], ids=lambda p: p.name)
 def test_scripts_parse(script):
-    assert len(MUE_SCRIPTS) == 7
+    assert len(MUE_SCRIPTS) == 13
     result = subprocess.run([BASH, "-n", str(script)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
 
 
 # ----------------------------------------------------------------------------- training
-@pytest.mark.parametrize("task", ["snli_ve", "caption"])
+@pytest.mark.parametrize("task", ["snli_ve", "caption", "vqa", "refcoco"])
 def test_train_script_cpu_processes_and_updates(task, tmp_path):
     script = SCRIPTS / task / f"train_{task}_mue.sh"
     data = f"{write_rows(tmp_path / 'train.tsv', 100)},{write_rows(tmp_path / 'valid.tsv', 7)}"
@@ -87,7 +87,7 @@ def test_train_script_cpu_processes_and_updates(task, tmp_path):
     command = dry_run(script, env)
     assert command[:2] == ["env", "MUE_CPU_DISTRIBUTED=1"]  # the plugin's CPU support for torchrun's ranks
     launcher = command.index("torch.distributed.run")
-    port = 7061 if task == "snli_ve" else 1061
+    port = {"snli_ve": 7061, "caption": 1061, "vqa": 8314, "refcoco": 6051}[task]
     assert command[launcher + 1:launcher + 3] == ["--nproc_per_node=2", f"--master_port={port}"]
     module = command.index("fairseq_cli.train")
     assert command[module - 1] == "-m" and command[module + 1] == data  # data: first positional argument
@@ -99,13 +99,30 @@ def test_train_script_cpu_processes_and_updates(task, tmp_path):
     assert option(command, "--arch") == "mue_ofa_base" and option(command, "--criterion") == "mue_layerwise_ce"
     assert option(command, "--user-dir") == str(REPO / "mue_fairseq")
     assert Path(option(command, "--bpe-dir")).resolve() == (REPO.parent / "shared" / "ofa_bpe").resolve()
-    # 100 rows / batch 4 = 25 batches, 13 per process, 5 epochs; warmup int(65 * 0.06)
-    assert option(command, "--total-num-update") == "65" and option(command, "--warmup-updates") == "3"
+    # 100 rows / batch 4 = 25 batches, 13 per process, 5 epochs (OFA's 15 for VQA, 10 for RefCOCO);
+    # warmup int(65 * 0.06) (OFA's 0.04 for VQA)
+    updates, warmup = {"vqa": ("195", "7"), "refcoco": ("130", "7")}.get(task, ("65", "3"))
+    assert option(command, "--total-num-update") == updates and option(command, "--warmup-updates") == warmup
     assert command[-2:] == ["--layer-reduction", "sum"]
     if task == "snli_ve":
         assert option(command, "--lr") == "5e-5" and option(command, "--label-smoothing") == "0.0"
         assert option(command, "--prompt-type") == "prev_output" and "--add-caption" in command
         assert option(command, "--best-checkpoint-metric") == "snli_score"
+    elif task == "vqa":
+        assert option(command, "--task") == "vqa_gen" and option(command, "--selected-cols") == "0,5,2,3,4"
+        assert option(command, "--lr") == "5e-5" and option(command, "--label-smoothing") == "0.1"
+        assert option(command, "--ans2label-file") == str(REPO / "dataset/vqa_data/trainval_ans2label.pkl")
+        assert option(command, "--val-inference-type") == "allcand" and option(command, "--prompt-type") == "prev_output"
+        assert option(command, "--ema-decay") == "0.9999" and option(command, "--patch-image-size") == "480"
+        for flag in ("--uses-ema", "--store-ema", "--ema-fp32", "--add-object", "--freeze-encoder-embedding"):
+            assert flag in command, flag
+        assert "--unconstrained-training" not in command
+        assert option(command, "--best-checkpoint-metric") == "vqa_score"
+    elif task == "refcoco":
+        assert option(command, "--task") == "refcoco" and option(command, "--selected-cols") == "0,4,2,3"
+        assert option(command, "--lr") == "5e-5" and option(command, "--patch-image-size") == "512"
+        assert "--eval-acc" in command and option(command, "--best-checkpoint-metric") == "score"
+        assert json.loads(option(command, "--eval-args")) == {"beam": 5, "min_len": 4, "max_len_a": 0, "max_len_b": 4}
     else:
         assert option(command, "--lr") == "1e-5" and option(command, "--label-smoothing") == "0.1"
         assert option(command, "--drop-worst-ratio") == "0.2" and option(command, "--drop-worst-after") == "6000"
@@ -155,6 +172,77 @@ def test_caption_evaluate_and_sweep_commands(tmp_path):
     assert option(command, "--target") == "0.99"
 
 
+def test_vqa_train_script_options(tmp_path):
+    script = SCRIPTS / "vqa" / "train_vqa_mue.sh"
+    env = {"PATH": no_gpu_path(tmp_path), "total_num_update": "100", "uses_ema": "0", "add_object": "0",
+           "unconstrained_training": "1", "val_inference_type": "beamsearch"}
+    command = dry_run(script, env)
+    assert "--unconstrained-training" in command and not any(t.startswith("--ans2label-file") for t in command)
+    assert not any("ema" in t for t in command) and "--add-object" not in command
+    assert option(command, "--val-inference-type") == "beamsearch" and option(command, "--warmup-updates") == "4"
+
+
+def test_refcoco_train_script_datasets(tmp_path):
+    script = SCRIPTS / "refcoco" / "train_refcoco_mue.sh"
+    env = {"PATH": no_gpu_path(tmp_path), "total_num_update": "100", "data_dir": "/data/g"}
+    command = dry_run(script, {**env, "dataset": "refcocog"})
+    assert command[command.index("fairseq_cli.train") + 1] == "/data/g/refcocog_train.tsv,/data/g/refcocog_val.tsv"
+    assert option(command, "--max-epoch") == "12"  # OFA's RefCOCOg epochs; RefCOCO and RefCOCO+ have 10
+    assert option(dry_run(script, {**env, "dataset": "refcocoplus"}), "--max-epoch") == "10"
+    result = run_script(script, {**env, "DRY_RUN": "1", "dataset": "refclef"}, check=False)
+    assert result.returncode != 0 and "dataset=refclef: choose refcoco, refcocoplus or refcocog" in result.stderr
+
+
+def test_vqa_evaluate_and_sweep_commands(tmp_path):
+    env = {"PATH": no_gpu_path(tmp_path), "data_dir": "/data/vqa", "path": "/ckpt/v.pt"}
+    command = dry_run(SCRIPTS / "vqa" / "evaluate_vqa_mue.sh", env, "val")
+    assert command[1:4] == ["-m", "mue_fairseq.cli.evaluate", "/data/vqa/vqa_val.tsv"]
+    # all-candidate inference by default: no beam search options
+    assert "--beam-search-vqa-eval" not in command and not any(t.startswith("--beam=") for t in command)
+    assert option(command, "--task") == "vqa_gen" and option(command, "--batch-size") == "8"
+    assert [option(command, f"--mue-{s}-threshold") for s in ("image", "text", "decoder")] == ["1", "1", "1"]
+    overrides = eval(option(command, "--model-overrides"))  # a Python literal, as evaluate reads it
+    assert overrides == {"data": "/data/vqa/vqa_val.tsv", "bpe_dir": str(REPO.parent / "shared" / "ofa_bpe"),
+                         "selected_cols": "0,5,2,3,4", "ans2label_file": "/data/vqa/trainval_ans2label.pkl",
+                         "valid_batch_size": 20}
+    assert "--cpu" in command and option(command, "--gen-subset") == "val"
+    assert option(command, "--results-path") == str(REPO / "results/vqa_mue_val_allcand")
+
+    command = dry_run(SCRIPTS / "vqa" / "evaluate_vqa_mue.sh", {**env, "inference": "beamsearch"}, "test")
+    assert "--beam-search-vqa-eval" in command and "--unnormalized" in command
+    assert option(command, "--beam") == "5" and option(command, "--temperature") == "1.0"
+    assert option(command, "--batch-size") == "16" and option(command, "--gen-subset") == "test"
+    result = run_script(SCRIPTS / "vqa" / "evaluate_vqa_mue.sh", {**env, "DRY_RUN": "1", "inference": "greedy"},
+                        check=False)
+    assert result.returncode != 0 and "inference=greedy: choose allcand or beamsearch" in result.stderr
+
+    command = dry_run(SCRIPTS / "vqa" / "sweep_vqa_mue.sh", {**env, "search": "coordinate"})
+    assert command[1:4] == ["-m", "mue_fairseq.cli.sweep", "/data/vqa/vqa_val.tsv"]
+    assert option(command, "--task") == "vqa_gen" and option(command, "--search") == "coordinate"
+    assert "--calibrate" in command and "--beam-search-vqa-eval" not in command
+    assert eval(option(command, "--model-overrides"))["ans2label_file"] == "/data/vqa/trainval_ans2label.pkl"
+
+
+def test_refcoco_evaluate_and_sweep_commands(tmp_path):
+    env = {"PATH": no_gpu_path(tmp_path), "data_dir": "/data/rc", "path": "/ckpt/r.pt"}
+    for script, module in (("evaluate_refcoco_mue.sh", "evaluate"), ("sweep_refcoco_mue.sh", "sweep")):
+        command = dry_run(SCRIPTS / "refcoco" / script, {**env, "dataset": "refcocoplus"}, "testA")
+        assert command[1:4] == ["-m", f"mue_fairseq.cli.{module}", "/data/rc/refcocoplus_testA.tsv"]
+        # OFA's evaluation arguments: exactly four location tokens
+        assert [option(command, f) for f in ("--beam", "--min-len", "--max-len-a", "--max-len-b")] == ["5", "4", "0", "4"]
+        assert option(command, "--task") == "refcoco" and option(command, "--gen-subset") == "refcocoplus_testA"
+        assert eval(option(command, "--model-overrides"))["selected_cols"] == "0,4,2,3"
+    assert "--calibrate" in command and option(command, "--image-thresholds") == "1,0.97,0.95,0.9"
+
+    calibration = tmp_path / "cal.json"
+    calibration.write_text(json.dumps({"thresholds": {"mue_image_threshold": 0.9, "mue_text_threshold": 0.8,
+                                                      "mue_decoder_threshold": 0.7}}))
+    command = dry_run(SCRIPTS / "refcoco" / "evaluate_refcoco_mue.sh",
+                      {**env, "calibration": str(calibration), "PYTHON": sys.executable})
+    assert [option(command, f"--mue-{s}-threshold") for s in ("image", "text", "decoder")] == ["0.9", "0.8", "0.7"]
+    assert option(command, "--gen-subset") == "refcoco_val" and option(command, "--path") == "/ckpt/r.pt"
+
+
 @pytest.fixture(scope="module")
 def snli(tmp_path_factory):
     return tiny_checkpoint("snli_ve", tmp_path_factory)
@@ -192,3 +280,67 @@ def test_snli_ve_sweep_then_evaluate_scripts(snli, tmp_path):
     assert summary["mean_exit_layers"]["text"] < summary["layers"]["encoder"]
     assert summary["mean_exit_layers"]["decoder"] == summary["layers"]["decoder"]
     assert len(json.loads((eval_dir / "valid_predict.json").read_text())) == 12
+
+
+@pytest.mark.parametrize("task", ["vqa", "refcoco"])
+def test_vqa_and_refcoco_train_commands_parse_as_fairseq_train_arguments(task, tmp_path):
+    from fairseq import options
+
+    env = {"PATH": no_gpu_path(tmp_path), "total_num_update": "100", "log_dir": str(tmp_path / "logs"),
+           "save_dir": str(tmp_path / "ckpt")}
+    command = dry_run(SCRIPTS / task / f"train_{task}_mue.sh", env)
+    train_argv = command[command.index("fairseq_cli.train") + 1:]
+    args = options.parse_args_and_arch(options.get_training_parser(), train_argv)
+    assert args.arch == "mue_ofa_base" and args.criterion == "mue_layerwise_ce"
+    if task == "vqa":
+        assert args.task == "vqa_gen" and args.uses_ema and args.store_ema and args.add_object
+        assert args.valid_batch_size == 20 and args.max_object_length == 30 and args.keep_last_epochs == 15
+    else:
+        assert args.task == "refcoco" and args.eval_acc and json.loads(args.eval_args)["max_len_b"] == 4
+
+
+@pytest.fixture(scope="module")
+def tiny_vqa(tmp_path_factory):
+    return tiny_checkpoint("vqa_gen", tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def tiny_refcoco(tmp_path_factory):
+    return tiny_checkpoint("refcoco", tmp_path_factory)
+
+
+@pytest.mark.parametrize("inference", ["allcand", "beamsearch"])
+def test_vqa_evaluate_script_runs(tiny_vqa, inference, tmp_path):
+    eval_dir = tmp_path / "eval"
+    run_script(SCRIPTS / "vqa" / "evaluate_vqa_mue.sh",
+               {"data": str(tiny_vqa.split("valid")), "path": str(tiny_vqa.checkpoint), "bpe_dir": tiny_vqa.bpe_dir,
+                "ans2label_file": str(tiny_vqa.data_dir / "vqa_ans2label.pkl"), "batch_size": "4",
+                "inference": inference, "result_path": str(eval_dir), "img_thres": "0.3", "txt_thres": "0.3",
+                "mue_args": "--no-plots", "PATH": no_gpu_path(tmp_path), "PYTHON": sys.executable}, "valid")
+    scores = json.loads((eval_dir / "valid_scores.json").read_text())
+    assert scores["num_samples"] == len(tiny_vqa.split("valid").read_text().splitlines())
+    predictions = json.loads((eval_dir / "valid_predict.json").read_text())
+    assert len(predictions) == scores["num_samples"] and {"question_id", "answer"} <= set(predictions[0])
+    summary = json.loads((eval_dir / "valid_exit_stats.json").read_text())["summary"]
+    assert summary["mean_exit_layers"]["text"] < summary["layers"]["encoder"]
+
+
+def test_refcoco_sweep_then_evaluate_scripts(tiny_refcoco, tmp_path):
+    common = {"data": str(tiny_refcoco.split("valid")), "path": str(tiny_refcoco.checkpoint),
+              "bpe_dir": tiny_refcoco.bpe_dir, "batch_size": "4", "PATH": no_gpu_path(tmp_path),
+              "PYTHON": sys.executable}
+    sweep_dir = tmp_path / "sweep"
+    run_script(SCRIPTS / "refcoco" / "sweep_refcoco_mue.sh",
+               {**common, "result_path": str(sweep_dir), "image_thresholds": "1,0.3", "text_thresholds": "1",
+                "decoder_thresholds": "1", "target": "0.01", "warmup_batches": "1"}, "val")
+    with open(sweep_dir / "refcoco_val_sweep.csv", newline="") as handle:
+        assert len(list(csv.DictReader(handle))) == 2
+    calibration = sweep_dir / "refcoco_val_calibration.json"
+    eval_dir = tmp_path / "eval"
+    run_script(SCRIPTS / "refcoco" / "evaluate_refcoco_mue.sh",
+               {**common, "result_path": str(eval_dir), "calibration": str(calibration), "mue_args": "--no-plots"},
+               "val")
+    scores = json.loads((eval_dir / "refcoco_val_scores.json").read_text())
+    assert scores["num_samples"] == len(tiny_refcoco.split("valid").read_text().splitlines())
+    predictions = json.loads((eval_dir / "refcoco_val_predict.json").read_text())
+    assert len(predictions) == scores["num_samples"]
