@@ -16,6 +16,8 @@ from fairseq.data import Dictionary
 from fairseq.data.encoders.gpt2_bpe import GPT2BPE, GPT2BPEConfig
 
 BPE_DIR_FILES = ("dict.txt", "encoder.json", "vocab.bpe")
+# GPT-2's byte-level space: a symbol given with it decodes as a separate word.
+_GPT2_SPACE = "\u0120"
 
 
 def check_bpe_dir(bpe_dir: Optional[str]) -> str:
