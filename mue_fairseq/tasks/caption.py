@@ -21,7 +21,12 @@ from fairseq.tasks import register_task
 
 from mue_fairseq.data.caption_dataset import REFERENCE_SEPARATOR, CaptionDataset, strip_punctuation
 from mue_fairseq.data.ofa_bpe import decode_tokens
-from mue_fairseq.tasks.exit_validation import exit_logging, full_depth, has_exits, reduce_exit_metrics, timed
+from mue_fairseq.tasks.exit_validation import (
+    full_depth,
+    hypothesis_exit_layers,
+    reduce_exit_metrics,
+    validate_with_exits,
+)
 from mue_fairseq.tasks.ofa_task import OFAConfig, OFATask, ratio_of_meters, sum_logs
 
 logger = logging.getLogger(__name__)
@@ -147,19 +152,16 @@ class CaptionTask(OFATask):
     def valid_step(self, sample, model, criterion):
         with full_depth(model):
             loss, sample_size, logging_output = super().valid_step(sample, model, criterion)
-            if not (self.cfg.eval_bleu or self.cfg.eval_cider):
-                return loss, sample_size, logging_output
-            model.eval()
-            gen_out, seconds_full = timed(self.inference_step, self.sequence_generator, [model], sample)
-        logging_output.update(self._quality_logging(*self.captions_of(gen_out, sample), ""))
-        if has_exits(model):
-            gen_out, seconds_exit = timed(self.inference_step, self.sequence_generator, [model], sample)
-            logging_output.update(self._quality_logging(*self.captions_of(gen_out, sample), "_mue"))
-            best = [hypos[0] for hypos in gen_out]
-            image, text = zip(*(h["encoder_exit_layers"].tolist() for h in best))
-            decoder = [h["exit_layers"].tolist() for h in best]
-            logging_output.update(exit_logging(model, image, text, decoder, seconds_full, seconds_exit))
+        if self.cfg.eval_bleu or self.cfg.eval_cider:
+            validate_with_exits(model, sample, self._hypotheses, self._score_logging, logging_output)
         return loss, sample_size, logging_output
+
+    def _hypotheses(self, model, sample):
+        gen_out = self.inference_step(self.sequence_generator, [model], sample)
+        return (gen_out, *hypothesis_exit_layers(model, gen_out))
+
+    def _score_logging(self, sample, gen_out, suffix: str) -> Dict[str, float]:
+        return self._quality_logging(*self.captions_of(gen_out, sample), suffix)
 
     def _quality_logging(self, hyps: Sequence[str], refs: Sequence[Sequence[str]], suffix: str) -> Dict[str, float]:
         """BLEU statistics and CIDEr sums of a batch, keys ending with ``suffix``."""

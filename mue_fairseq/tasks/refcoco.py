@@ -23,7 +23,12 @@ from mue_fairseq.data.location_tokens import bin_offset, bins_to_boxes, box_hits
 from mue_fairseq.data.ofa_bpe import SymbolAwareGPT2BPE
 from mue_fairseq.data.refcoco_dataset import RefcocoDataset
 from mue_fairseq.tasks.caption import _parse_json_option
-from mue_fairseq.tasks.exit_validation import exit_logging, full_depth, has_exits, reduce_exit_metrics, timed
+from mue_fairseq.tasks.exit_validation import (
+    full_depth,
+    hypothesis_exit_layers,
+    reduce_exit_metrics,
+    validate_with_exits,
+)
 from mue_fairseq.tasks.ofa_task import OFAConfig, OFATask, ratio_of_meters, sum_logs
 
 logger = logging.getLogger(__name__)
@@ -116,19 +121,13 @@ class RefcocoTask(OFATask):
     def valid_step(self, sample, model, criterion):
         with full_depth(model):
             loss, sample_size, logging_output = super().valid_step(sample, model, criterion)
-            if not self.cfg.eval_acc:
-                return loss, sample_size, logging_output
-            model.eval()
-            hypos, seconds_full = timed(self.inference_step, self.sequence_generator, [model], sample)
-        logging_output.update(self._score_logging(sample, hypos, ""))
-        if has_exits(model):
-            hypos, seconds_exit = timed(self.inference_step, self.sequence_generator, [model], sample)
-            logging_output.update(self._score_logging(sample, hypos, "_mue"))
-            best = [h[0] for h in hypos]
-            image, text = zip(*(h["encoder_exit_layers"].tolist() for h in best))
-            decoder = [h["exit_layers"].tolist() for h in best]
-            logging_output.update(exit_logging(model, image, text, decoder, seconds_full, seconds_exit))
+        if self.cfg.eval_acc:
+            validate_with_exits(model, sample, self._hypotheses, self._score_logging, logging_output)
         return loss, sample_size, logging_output
+
+    def _hypotheses(self, model, sample):
+        hypos = self.inference_step(self.sequence_generator, [model], sample)
+        return (hypos, *hypothesis_exit_layers(model, hypos))
 
     def _score_logging(self, sample, hypos, suffix: str) -> Dict[str, float]:
         boxes, hits = self.boxes_and_hits(sample, hypos)

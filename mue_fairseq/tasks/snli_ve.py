@@ -19,7 +19,7 @@ from fairseq.tasks import register_task
 from mue_fairseq.data.answer_trie import AnswerTrie
 from mue_fairseq.data.ofa_bpe import decode_tokens, encode_text
 from mue_fairseq.data.snli_ve_dataset import PROMPT_TYPES, SnliVeDataset
-from mue_fairseq.tasks.exit_validation import exit_logging, full_depth, has_exits, reduce_exit_metrics, timed
+from mue_fairseq.tasks.exit_validation import full_depth, reduce_exit_metrics, validate_with_exits
 from mue_fairseq.tasks.ofa_task import OFAConfig, OFATask, ratio_of_meters, sum_logs
 from mue_fairseq.tasks.snli_ve_scoring import best_answers_with_exits, score_snli_ve_candidates
 
@@ -144,15 +144,7 @@ class SnliVeTask(OFATask):
     def valid_step(self, sample, model, criterion):
         with full_depth(model):
             loss, sample_size, logging_output = super().valid_step(sample, model, criterion)
-            model.eval()
-            with torch.no_grad():
-                (hyps, *_), seconds_full = timed(self.answer_with_exits, model, sample)
-        logging_output.update(self._score_logging(sample, hyps, ""))
-        if has_exits(model):
-            with torch.no_grad():
-                (hyps, image, text, decoder), seconds_exit = timed(self.answer_with_exits, model, sample)
-            logging_output.update(self._score_logging(sample, hyps, "_mue"))
-            logging_output.update(exit_logging(model, image, text, decoder, seconds_full, seconds_exit))
+        validate_with_exits(model, sample, self.answer_with_exits, self._score_logging, logging_output)
         return loss, sample_size, logging_output
 
     @staticmethod

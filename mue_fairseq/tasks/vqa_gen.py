@@ -27,7 +27,12 @@ from mue_fairseq.data.ofa_bpe import decode_tokens, encode_text
 from mue_fairseq.data.snli_ve_dataset import PROMPT_TYPES
 from mue_fairseq.data.vqa_gen_dataset import VqaGenDataset
 from mue_fairseq.tasks.caption import _parse_json_option
-from mue_fairseq.tasks.exit_validation import exit_logging, full_depth, has_exits, reduce_exit_metrics, timed
+from mue_fairseq.tasks.exit_validation import (
+    full_depth,
+    hypothesis_exit_layers,
+    reduce_exit_metrics,
+    validate_with_exits,
+)
 from mue_fairseq.tasks.ofa_task import OFAConfig, OFATask, ratio_of_meters, sum_logs
 from mue_fairseq.tasks.snli_ve import load_ans2label
 from mue_fairseq.tasks.snli_ve_scoring import best_answers_with_exits, score_snli_ve_candidates
@@ -173,17 +178,9 @@ class VqaGenTask(OFATask):
             eval_model = extra_kwargs.get("ema_model")
             if eval_model is None:
                 raise ValueError("--uses-ema validates the EMA model: train with --store-ema")
-        with full_depth(model), full_depth(eval_model):
+        with full_depth(model):
             loss, sample_size, logging_output = super().valid_step(sample, model, criterion)
-            eval_model.eval()
-            with torch.no_grad():
-                (hyps, *_), seconds_full = timed(self._answers, eval_model, sample)
-        logging_output.update(_score_logging(sample, hyps, ""))
-        if has_exits(eval_model):
-            with torch.no_grad():
-                (hyps, image, text, decoder), seconds_exit = timed(self._answers, eval_model, sample)
-            logging_output.update(_score_logging(sample, hyps, "_mue"))
-            logging_output.update(exit_logging(eval_model, image, text, decoder, seconds_full, seconds_exit))
+        validate_with_exits(eval_model, sample, self._answers, _score_logging, logging_output)
         return loss, sample_size, logging_output
 
     def _answers(self, model, sample) -> Tuple[List[str], Sequence[int], Sequence[int], List[List[int]]]:
@@ -191,14 +188,7 @@ class VqaGenTask(OFATask):
         if self.answers_by_scoring:
             return self.answer_with_exits(model, sample)
         hypos = self.inference_step(self.generator, [model], sample)
-        best = [h[0] for h in hypos]
-        depth = model.args.encoder_layers
-        if "encoder_exit_layers" in best[0]:
-            image, text = zip(*(h["encoder_exit_layers"].tolist() for h in best))
-        else:
-            image, text = [depth] * len(best), [depth] * len(best)
-        decoder = [h["exit_layers"].tolist() if "exit_layers" in h else [] for h in best]
-        return self.generated_answers(sample, hypos), image, text, decoder
+        return (self.generated_answers(sample, hypos), *hypothesis_exit_layers(model, hypos))
 
     def reduce_metrics(self, logging_outputs, criterion):
         super().reduce_metrics(logging_outputs, criterion)
