@@ -13,7 +13,7 @@ import logging
 from argparse import Namespace
 from dataclasses import dataclass, field
 from itertools import zip_longest
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from fairseq import metrics, utils
@@ -74,6 +74,7 @@ def _parse_json_option(name: str, value: Optional[str]) -> Dict:
 @register_task("caption", dataclass=CaptionConfig)
 class CaptionTask(OFATask):
     cfg: CaptionConfig
+    dataset_class = CaptionDataset
 
     def __init__(self, cfg: CaptionConfig, src_dict, tgt_dict):
         unsupported = [
@@ -93,18 +94,11 @@ class CaptionTask(OFATask):
         self.scst_generator = None
         self.cider_scorer = None
 
-    def load_dataset(self, split: str, epoch: int = 1, combine: bool = False, **kwargs):
-        self.datasets[split] = CaptionDataset(
-            split,
-            self.open_tsv(split, epoch),
-            self.bpe,
-            self.src_dict,
-            self.tgt_dict,
-            max_tgt_length=self.cfg.max_tgt_length,
-            patch_image_size=self.cfg.patch_image_size,
-            imagenet_default_mean_and_std=self.cfg.imagenet_default_mean_and_std,
-            scst=self.cfg.scst,
-        )
+    def dataset_options(self) -> Dict[str, Any]:
+        return {
+            "max_tgt_length": self.cfg.max_tgt_length,
+            "scst": self.cfg.scst,
+        }
 
     def build_model(self, cfg, from_checkpoint=False):
         model = super().build_model(cfg, from_checkpoint)

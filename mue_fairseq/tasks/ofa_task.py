@@ -105,9 +105,12 @@ def contiguous_batches(num_samples: int, batch_size: int) -> List[List[int]]:
 
 
 class OFATask(FairseqTask):
-    """Shared behaviour of OFA's tasks; subclasses define ``load_dataset``."""
+    """Shared behaviour of OFA's tasks; subclasses name their ``dataset_class`` and its
+    ``dataset_options``."""
 
     cfg: OFAConfig
+    #: the `OFADataset` subclass that reads the task's rows
+    dataset_class: Optional[type] = None
 
     def __init__(self, cfg: OFAConfig, src_dict, tgt_dict):
         super().__init__(cfg)
@@ -146,6 +149,22 @@ class OFATask(FairseqTask):
                 "and then the validation file, separated by commas"
             )
         return paths[(epoch - 1) % (len(paths) - 1)]
+
+    def load_dataset(self, split: str, epoch: int = 1, combine: bool = False, **kwargs):
+        self.datasets[split] = self.dataset_class(
+            split,
+            self.open_tsv(split, epoch),
+            self.bpe,
+            self.src_dict,
+            self.tgt_dict,
+            patch_image_size=self.cfg.patch_image_size,
+            imagenet_default_mean_and_std=self.cfg.imagenet_default_mean_and_std,
+            **self.dataset_options(),
+        )
+
+    def dataset_options(self) -> Dict[str, Any]:
+        """The task's keyword arguments of ``dataset_class`` besides the image options."""
+        return {}
 
     def open_tsv(self, split: str, epoch: int = 1) -> TSVFile:
         path = self.data_path(split, epoch)

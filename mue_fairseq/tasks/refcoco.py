@@ -13,7 +13,7 @@ name, 0-1) at full depth, and ``score_mue`` with a MuE model's exits, with exit 
 import logging
 from argparse import Namespace
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from fairseq import metrics
@@ -51,6 +51,7 @@ class RefcocoConfig(OFAConfig):
 @register_task("refcoco", dataclass=RefcocoConfig)
 class RefcocoTask(OFATask):
     cfg: RefcocoConfig
+    dataset_class = RefcocoDataset
 
     def __init__(self, cfg: RefcocoConfig, src_dict, tgt_dict):
         if cfg.scst:
@@ -63,19 +64,12 @@ class RefcocoTask(OFATask):
         self.eval_args = _parse_json_option("eval_args", cfg.eval_args)
         self.sequence_generator = None
 
-    def load_dataset(self, split: str, epoch: int = 1, combine: bool = False, **kwargs):
-        self.datasets[split] = RefcocoDataset(
-            split,
-            self.open_tsv(split, epoch),
-            self.bpe,
-            self.src_dict,
-            self.tgt_dict,
-            max_src_length=self.cfg.max_src_length,
-            patch_image_size=self.cfg.patch_image_size,
-            imagenet_default_mean_and_std=self.cfg.imagenet_default_mean_and_std,
-            num_bins=self.cfg.num_bins,
-            max_image_size=self.cfg.max_image_size,
-        )
+    def dataset_options(self) -> Dict[str, Any]:
+        return {
+            "max_src_length": self.cfg.max_src_length,
+            "num_bins": self.cfg.num_bins,
+            "max_image_size": self.cfg.max_image_size,
+        }
 
     def build_model(self, cfg, from_checkpoint=False):
         model = super().build_model(cfg, from_checkpoint)

@@ -10,7 +10,7 @@ import json
 import os
 import pickle
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from fairseq import metrics
@@ -76,6 +76,7 @@ def load_ans2label(ans2label_dict: Optional[str], ans2label_file: Optional[str])
 @register_task("snli_ve", dataclass=SnliVeConfig)
 class SnliVeTask(OFATask):
     cfg: SnliVeConfig
+    dataset_class = SnliVeDataset
 
     def __init__(self, cfg: SnliVeConfig, src_dict, tgt_dict):
         if cfg.prompt_type is not None and cfg.prompt_type not in PROMPT_TYPES:
@@ -92,20 +93,13 @@ class SnliVeTask(OFATask):
             self.answer_tokens.append(tokens)
             self.constraint_trie.insert(tokens.tolist() + [tgt_dict.eos()])
 
-    def load_dataset(self, split: str, epoch: int = 1, combine: bool = False, **kwargs):
-        self.datasets[split] = SnliVeDataset(
-            split,
-            self.open_tsv(split, epoch),
-            self.bpe,
-            self.src_dict,
-            self.tgt_dict,
-            max_src_length=self.cfg.max_src_length,
-            patch_image_size=self.cfg.patch_image_size,
-            add_caption=self.cfg.add_caption,
-            constraint_trie=self.constraint_trie,
-            imagenet_default_mean_and_std=self.cfg.imagenet_default_mean_and_std,
-            prompt_type=self.cfg.prompt_type,
-        )
+    def dataset_options(self) -> Dict[str, Any]:
+        return {
+            "max_src_length": self.cfg.max_src_length,
+            "add_caption": self.cfg.add_caption,
+            "constraint_trie": self.constraint_trie,
+            "prompt_type": self.cfg.prompt_type,
+        }
 
     def generator_kwargs(self):
         return {"constraint_trie": self.constraint_trie}

@@ -16,7 +16,7 @@ logs the mean as ``vqa_score`` (at full depth; ``vqa_score_mue`` with a MuE mode
 
 from argparse import Namespace
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from fairseq import metrics
@@ -73,6 +73,7 @@ class VqaGenConfig(OFAConfig):
 @register_task("vqa_gen", dataclass=VqaGenConfig)
 class VqaGenTask(OFATask):
     cfg: VqaGenConfig
+    dataset_class = VqaGenDataset
 
     def __init__(self, cfg: VqaGenConfig, src_dict, tgt_dict):
         if cfg.val_inference_type not in INFERENCE_TYPES:
@@ -106,23 +107,16 @@ class VqaGenTask(OFATask):
         """Whether inference scores every candidate (allcand) rather than generating (beamsearch)."""
         return self.cfg.val_inference_type == "allcand"
 
-    def load_dataset(self, split: str, epoch: int = 1, combine: bool = False, **kwargs):
-        self.datasets[split] = VqaGenDataset(
-            split,
-            self.open_tsv(split, epoch),
-            self.bpe,
-            self.src_dict,
-            self.tgt_dict,
-            max_src_length=self.cfg.max_src_length,
-            max_object_length=self.cfg.max_object_length,
-            max_tgt_length=self.cfg.max_tgt_length,
-            patch_image_size=self.cfg.patch_image_size,
-            add_object=self.cfg.add_object,
-            constraint_trie=self.constraint_trie,
-            imagenet_default_mean_and_std=self.cfg.imagenet_default_mean_and_std,
-            prompt_type=self.cfg.prompt_type,
-            candidates=self.ans2label_dict,
-        )
+    def dataset_options(self) -> Dict[str, Any]:
+        return {
+            "max_src_length": self.cfg.max_src_length,
+            "max_object_length": self.cfg.max_object_length,
+            "max_tgt_length": self.cfg.max_tgt_length,
+            "add_object": self.cfg.add_object,
+            "constraint_trie": self.constraint_trie,
+            "prompt_type": self.cfg.prompt_type,
+            "candidates": self.ans2label_dict,
+        }
 
     def build_model(self, cfg, from_checkpoint=False):
         model = super().build_model(cfg, from_checkpoint)
