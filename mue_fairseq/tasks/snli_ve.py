@@ -18,7 +18,8 @@ from fairseq.tasks import register_task
 
 from mue_fairseq.data.answer_trie import AnswerTrie
 from mue_fairseq.data.ofa_bpe import decode_tokens, encode_text
-from mue_fairseq.data.snli_ve_dataset import PROMPT_TYPES, SnliVeDataset
+from mue_fairseq.data.answer_dataset import PROMPT_TYPES
+from mue_fairseq.data.snli_ve_dataset import SnliVeDataset
 from mue_fairseq.tasks.exit_validation import full_depth, reduce_exit_metrics, validate_with_exits
 from mue_fairseq.tasks.ofa_task import OFAConfig, OFATask, ratio_of_meters, sum_logs
 from mue_fairseq.tasks.snli_ve_scoring import best_answers_with_exits, score_snli_ve_candidates

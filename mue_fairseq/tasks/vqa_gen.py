@@ -24,7 +24,7 @@ from fairseq.tasks import register_task
 
 from mue_fairseq.data.answer_trie import AnswerTrie
 from mue_fairseq.data.ofa_bpe import decode_tokens, encode_text
-from mue_fairseq.data.snli_ve_dataset import PROMPT_TYPES
+from mue_fairseq.data.answer_dataset import PROMPT_TYPES
 from mue_fairseq.data.vqa_gen_dataset import VqaGenDataset
 from mue_fairseq.tasks.caption import _parse_json_option
 from mue_fairseq.tasks.exit_validation import (
