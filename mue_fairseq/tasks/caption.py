@@ -27,7 +27,7 @@ from mue_fairseq.tasks.exit_validation import (
     reduce_exit_metrics,
     validate_with_exits,
 )
-from mue_fairseq.tasks.ofa_task import OFAConfig, OFATask, ratio_of_meters, sum_logs
+from mue_fairseq.tasks.ofa_task import OFAConfig, OFATask, reduce_score, sum_logs
 
 logger = logging.getLogger(__name__)
 
@@ -185,10 +185,10 @@ class CaptionTask(OFATask):
                 metrics.log_scalar(f"_bleu_sys_len{suffix}", sum_logs(logging_outputs, f"_bleu_sys_len{suffix}"))
                 metrics.log_scalar(f"_bleu_ref_len{suffix}", sum_logs(logging_outputs, f"_bleu_ref_len{suffix}"))
                 metrics.log_derived(f"bleu{suffix}", _derived_bleu(suffix))
-        if self.cfg.eval_cider and sum_logs(logging_outputs, f"_cider_cnt{suffix}") > 0:
-            metrics.log_scalar(f"_cider_score_sum{suffix}", sum_logs(logging_outputs, f"_cider_score_sum{suffix}"))
-            metrics.log_scalar(f"_cider_cnt{suffix}", sum_logs(logging_outputs, f"_cider_cnt{suffix}"))
-            metrics.log_derived(f"cider{suffix}", _derived_cider(suffix))
+        if self.cfg.eval_cider:
+            reduce_score(
+                logging_outputs, f"_cider_score_sum{suffix}", f"_cider_cnt{suffix}", f"cider{suffix}", digits=3
+            )
 
 
 def bleu_statistics(hyps: Sequence[str], refs: Sequence[Sequence[str]], tokenized: bool = False) -> Dict[str, float]:
@@ -203,9 +203,6 @@ def bleu_statistics(hyps: Sequence[str], refs: Sequence[Sequence[str]], tokenize
         stats[f"_bleu_totals_{i}"] = bleu.totals[i]
     return stats
 
-
-def _derived_cider(suffix: str):
-    return lambda meters: ratio_of_meters(meters, f"_cider_score_sum{suffix}", f"_cider_cnt{suffix}", 3)
 
 
 def _derived_bleu(suffix: str):

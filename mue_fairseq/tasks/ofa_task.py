@@ -14,7 +14,7 @@ from types import SimpleNamespace
 from typing import Any, Dict, List, Optional
 
 import torch
-from fairseq import search
+from fairseq import metrics, search
 from fairseq.data import FairseqDataset, iterators
 from fairseq.dataclass import FairseqDataclass
 from fairseq.optim.amp_optimizer import AMPOptimizer
@@ -392,3 +392,11 @@ def ratio_of_meters(meters, numerator: str, denominator: str, digits: int) -> fl
     value = meters[numerator].sum / meters[denominator].sum
     value = value if isinstance(value, float) else float(value)
     return round(value, digits) if math.isfinite(value) else value
+
+
+def reduce_score(logging_outputs, total_key: str, count_key: str, name: str, digits: int = 4) -> None:
+    """Log the metric ``name``, summed ``total_key`` / summed ``count_key``, when some row was scored."""
+    if sum_logs(logging_outputs, count_key) > 0:
+        metrics.log_scalar(total_key, sum_logs(logging_outputs, total_key))
+        metrics.log_scalar(count_key, sum_logs(logging_outputs, count_key))
+        metrics.log_derived(name, lambda meters: ratio_of_meters(meters, total_key, count_key, digits))

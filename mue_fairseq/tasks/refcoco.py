@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
-from fairseq import metrics
 from fairseq.tasks import register_task
 
 from mue_fairseq.data.location_tokens import bin_offset, bins_to_boxes, box_hits
@@ -29,7 +28,7 @@ from mue_fairseq.tasks.exit_validation import (
     reduce_exit_metrics,
     validate_with_exits,
 )
-from mue_fairseq.tasks.ofa_task import OFAConfig, OFATask, ratio_of_meters, sum_logs
+from mue_fairseq.tasks.ofa_task import OFAConfig, OFATask, reduce_score
 
 logger = logging.getLogger(__name__)
 
@@ -132,12 +131,6 @@ class RefcocoTask(OFATask):
     def reduce_metrics(self, logging_outputs, criterion):
         super().reduce_metrics(logging_outputs, criterion)
         for suffix in ("", "_mue"):
-            if sum_logs(logging_outputs, f"_score_cnt{suffix}") > 0:
-                metrics.log_scalar(f"_score_sum{suffix}", sum_logs(logging_outputs, f"_score_sum{suffix}"))
-                metrics.log_scalar(f"_score_cnt{suffix}", sum_logs(logging_outputs, f"_score_cnt{suffix}"))
-                metrics.log_derived(f"score{suffix}", _derived_score(suffix))
+            reduce_score(logging_outputs, f"_score_sum{suffix}", f"_score_cnt{suffix}", f"score{suffix}")
         reduce_exit_metrics(logging_outputs)
 
-
-def _derived_score(suffix: str):
-    return lambda meters: ratio_of_meters(meters, f"_score_sum{suffix}", f"_score_cnt{suffix}", 4)

@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
-from fairseq import metrics
 from fairseq.tasks import register_task
 
 from mue_fairseq.data.answer_trie import AnswerTrie
@@ -21,7 +20,7 @@ from mue_fairseq.data.ofa_bpe import decode_tokens, encode_text
 from mue_fairseq.data.answer_dataset import PROMPT_TYPES
 from mue_fairseq.data.snli_ve_dataset import SnliVeDataset
 from mue_fairseq.tasks.exit_validation import full_depth, reduce_exit_metrics, validate_with_exits
-from mue_fairseq.tasks.ofa_task import OFAConfig, OFATask, ratio_of_meters, sum_logs
+from mue_fairseq.tasks.ofa_task import OFAConfig, OFATask, reduce_score
 from mue_fairseq.tasks.snli_ve_scoring import best_answers_with_exits, score_snli_ve_candidates
 
 
@@ -150,12 +149,6 @@ class SnliVeTask(OFATask):
     def reduce_metrics(self, logging_outputs, criterion):
         super().reduce_metrics(logging_outputs, criterion)
         for suffix in ("", "_mue"):
-            if sum_logs(logging_outputs, f"_snli{suffix}_cnt") > 0:
-                metrics.log_scalar(f"_snli_score{suffix}_sum", sum_logs(logging_outputs, f"_snli_score{suffix}_sum"))
-                metrics.log_scalar(f"_snli{suffix}_cnt", sum_logs(logging_outputs, f"_snli{suffix}_cnt"))
-                metrics.log_derived(f"snli_score{suffix}", _derived_snli_score(suffix))
+            reduce_score(logging_outputs, f"_snli_score{suffix}_sum", f"_snli{suffix}_cnt", f"snli_score{suffix}")
         reduce_exit_metrics(logging_outputs)
 
-
-def _derived_snli_score(suffix: str):
-    return lambda meters: ratio_of_meters(meters, f"_snli_score{suffix}_sum", f"_snli{suffix}_cnt", 4)

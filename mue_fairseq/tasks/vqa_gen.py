@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
-from fairseq import metrics
 from fairseq.tasks import register_task
 
 from mue_fairseq.data.answer_trie import AnswerTrie
@@ -33,7 +32,7 @@ from mue_fairseq.tasks.exit_validation import (
     reduce_exit_metrics,
     validate_with_exits,
 )
-from mue_fairseq.tasks.ofa_task import OFAConfig, OFATask, ratio_of_meters, sum_logs
+from mue_fairseq.tasks.ofa_task import OFAConfig, OFATask, reduce_score
 from mue_fairseq.tasks.snli_ve import load_ans2label
 from mue_fairseq.tasks.snli_ve_scoring import best_answers_with_exits, score_snli_ve_candidates
 
@@ -187,10 +186,7 @@ class VqaGenTask(OFATask):
     def reduce_metrics(self, logging_outputs, criterion):
         super().reduce_metrics(logging_outputs, criterion)
         for suffix in ("", "_mue"):
-            if sum_logs(logging_outputs, f"_vqa{suffix}_cnt") > 0:
-                metrics.log_scalar(f"_vqa_score{suffix}_sum", sum_logs(logging_outputs, f"_vqa_score{suffix}_sum"))
-                metrics.log_scalar(f"_vqa{suffix}_cnt", sum_logs(logging_outputs, f"_vqa{suffix}_cnt"))
-                metrics.log_derived(f"vqa_score{suffix}", _derived_vqa_score(suffix))
+            reduce_score(logging_outputs, f"_vqa_score{suffix}_sum", f"_vqa{suffix}_cnt", f"vqa_score{suffix}")
         reduce_exit_metrics(logging_outputs)
 
 
@@ -209,6 +205,3 @@ def _score_logging(sample, answers: Sequence[str], suffix: str) -> Dict[str, flo
     scores = vqa_scores(sample["ref_dict"], answers)
     return {f"_vqa_score{suffix}_sum": sum(scores), f"_vqa{suffix}_cnt": len(scores)}
 
-
-def _derived_vqa_score(suffix: str):
-    return lambda meters: ratio_of_meters(meters, f"_vqa_score{suffix}_sum", f"_vqa{suffix}_cnt", 4)
