@@ -24,7 +24,7 @@ from torch import Tensor
 
 from mue_fairseq.criterions.label_smoothed_ce import summed_log
 from mue_fairseq.criterions.layerwise_ce import LAYER_REDUCTIONS, decoder_layer_weights, parse_layer_weights
-from mue_fairseq.criterions.scst import ScstRewardCriterion, ScstRewardCriterionConfig, self_critical_rewards
+from mue_fairseq.criterions.scst import ScstRewardCriterion, ScstRewardCriterionConfig
 from mue_fairseq.tasks.exit_validation import full_depth
 
 _LAYER_KEY = re.compile(r"^loss_layer(\d+)$")
@@ -67,9 +67,7 @@ class LayerwiseScstCriterion(ScstRewardCriterion):
     def forward(self, model, sample, update_num: int = 0, reduce: bool = True):
         if not reduce:
             raise NotImplementedError("mue_layerwise_scst returns the summed loss only")
-        tokens, hyps, refs = self.sample_captions(model, sample)
-        scores = self.cider_scores(hyps, refs)
-        rewards = self_critical_rewards(scores, len(hyps) // len(refs))
+        tokens, scores, rewards = self.sampled_rewards(model, sample)
         net_input, target = self.sampled_batch(sample, tokens)
         with full_depth(model):
             _, extra = model(**net_input, features_only=True)
@@ -89,16 +87,7 @@ class LayerwiseScstCriterion(ScstRewardCriterion):
         layer_losses = self.layer_losses(model, inner_states, mask, token_target, token_reward, [i for i, _ in plan])
         loss = sum(weight * layer_losses[layer] for layer, weight in plan)
 
-        ntokens = int(mask.sum())
-        nsentences = target.size(0)
-        sample_size = nsentences if self.sentence_avg else ntokens
-        logging_output = {
-            "loss": loss.data,
-            "score": float(scores.sum()),
-            "ntokens": ntokens,
-            "nsentences": nsentences,
-            "sample_size": sample_size,
-        }
+        loss, sample_size, logging_output = self.batch_result(loss, scores, int(mask.sum()), target.size(0))
         zero = loss.new_zeros(())
         for layer in range(1, num_layers + 1):
             logging_output[f"loss_layer{layer}"] = layer_losses[layer].data if layer in layer_losses else zero

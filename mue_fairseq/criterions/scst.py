@@ -133,14 +133,21 @@ class ScstRewardCriterion(FairseqCriterion):
     # ------------------------------------------------------------------ forward
     def forward(self, model, sample, update_num: int = 0, reduce: bool = True):
         """(loss, sample_size, logging_output) of one batch of images."""
-        tokens, hyps, refs = self.sample_captions(model, sample)
-        scores = self.cider_scores(hyps, refs)
-        rewards = self_critical_rewards(scores, len(hyps) // len(refs))
+        tokens, scores, rewards = self.sampled_rewards(model, sample)
         target = sample["target"]
         reward = torch.as_tensor(rewards, dtype=torch.float64, device=target.device)
         lprobs, gen_target = self.sample_lprobs(model, sample, tokens)
         loss, ntokens = scst_loss(lprobs, gen_target, reward, self.padding_idx, reduce=reduce)
-        nsentences = gen_target.size(0)
+        return self.batch_result(loss, scores, ntokens, gen_target.size(0))
+
+    def sampled_rewards(self, model, sample) -> Tuple[List[Tensor], np.ndarray, np.ndarray]:
+        """(token ids, CIDEr-D score and self-critical reward) of every sampled caption, image by image."""
+        tokens, hyps, refs = self.sample_captions(model, sample)
+        scores = self.cider_scores(hyps, refs)
+        return tokens, scores, self_critical_rewards(scores, len(hyps) // len(refs))
+
+    def batch_result(self, loss: Tensor, scores: np.ndarray, ntokens: int, nsentences: int):
+        """(loss, sample_size, logging_output) of a batch of ``nsentences`` sampled captions."""
         sample_size = nsentences if self.sentence_avg else ntokens
         logging_output = {
             "loss": loss.data,

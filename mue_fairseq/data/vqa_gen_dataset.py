@@ -5,18 +5,17 @@ detected object labels (and optionally a caption, read and ignored, as OFA does)
 column is ``conf|!+answer`` entries joined by ``&&`` (VQA's soft scores); the target is the
 answer of highest confidence, and a prediction scores the confidence of the answer it gives.
 With ``add_object`` the source also lists the object labels (``&&``-separated). The decoder
-prompt (``prompt_type``) and the answer trie masks are as in SNLI-VE (`snli_ve_dataset`).
+prompt (``prompt_type``), the target and the answer trie masks are built as `answer_dataset` describes.
 """
 
 import re
 from typing import Any, Dict, List, Optional
 
 import torch
-from fairseq.data import data_utils
 
+from mue_fairseq.data.answer_dataset import OFAAnswerDataset
 from mue_fairseq.data.answer_trie import AnswerTrie
-from mue_fairseq.data.ofa_dataset import OFADataset, collate_bool_masks, collate_ofa_samples
-from mue_fairseq.data.snli_ve_dataset import PROMPT_TYPES
+from mue_fairseq.data.ofa_dataset import collate_ofa_samples
 
 ANSWER_SEPARATOR = "&&"
 CONFIDENCE_SEPARATOR = "|!+"
@@ -50,7 +49,7 @@ def parse_answers(text: str, where: str) -> Dict[str, float]:
     return answers
 
 
-class VqaGenDataset(OFADataset):
+class VqaGenDataset(OFAAnswerDataset):
     def __init__(
         self,
         split: str,
@@ -75,16 +74,11 @@ class VqaGenDataset(OFADataset):
                 f"caption, is ignored) but --selected-cols gives {len(dataset.selected_cols)} "
                 f"({dataset.selected_cols}) for {dataset.path}"
             )
-        # OFA's task default is None, which its dataset rejects; read it as "none".
-        prompt_type = prompt_type or "none"
-        if prompt_type not in PROMPT_TYPES:
-            raise ValueError(f"--prompt-type must be one of {', '.join(PROMPT_TYPES)}, got {prompt_type!r}")
+        self.set_answer_options(constraint_trie, prompt_type)
         self.max_src_length = max_src_length
         self.max_object_length = max_object_length
         self.max_tgt_length = max_tgt_length
         self.add_object = add_object
-        self.constraint_trie = constraint_trie
-        self.prompt_type = prompt_type
         self.candidates = candidates
 
     def __getitem__(self, index: int) -> Dict[str, Any]:
@@ -106,46 +100,12 @@ class VqaGenDataset(OFADataset):
             src_item = torch.cat([src_item, self.encode_text(f" object: {labels}")])
         src_item = torch.cat([self.bos_item, src_item, self.eos_item])
         tgt_item = self.encode_text(" " + answer)[: self.max_tgt_length]
-
-        if self.prompt_type == "none":
-            decoder_prompt = self.bos_item
-        elif self.prompt_type == "src":
-            decoder_prompt = src_item
-        else:
-            decoder_prompt = src_item[:-1]
-        prev_output_item = torch.cat([decoder_prompt, tgt_item])
-        target_item = torch.cat([prev_output_item[1:], self.eos_item])
-        answer_start = len(target_item) - len(tgt_item) - 1
-        target_item[:answer_start] = self.tgt_dict.pad()
-
-        example = {
-            "id": uniq_id,
-            "source": src_item,
-            "patch_image": patch_image,
-            "patch_mask": torch.tensor([True]),
-            "target": target_item,
-            "prev_output_tokens": prev_output_item,
-            "decoder_prompt": decoder_prompt,
-            "ref_dict": ref_dict,
-            "conf": torch.tensor([ref_dict[answer]]),
-        }
-        if self.constraint_trie is not None:
-            mask = torch.zeros((len(target_item), len(self.tgt_dict)), dtype=torch.bool)
-            for i in range(answer_start, len(target_item)):
-                mask[i, self.constraint_trie.next_tokens(target_item[answer_start:i].tolist())] = True
-            example["constraint_mask"] = mask
+        example = self.answer_sample(uniq_id, src_item, patch_image, tgt_item, ref_dict)
+        example["conf"] = torch.tensor([ref_dict[answer]])
         return example
 
     def collater(self, samples: List[Dict[str, Any]], pad_to_length=None) -> Dict[str, Any]:
-        batch = collate_ofa_samples(samples, pad_idx=self.pad, eos_idx=self.eos)
-        if not batch:
-            return batch
-        prompts = [s["decoder_prompt"] for s in samples]
-        batch["conf"] = torch.cat([s["conf"] for s in samples])
-        batch["ref_dict"] = [s["ref_dict"] for s in samples]
-        batch["decoder_prompts"] = [prompt.tolist() for prompt in prompts]
-        batch["prefix_tokens"] = data_utils.collate_tokens(prompts, self.pad, eos_idx=self.eos)[:, 1:]
-        batch["constraint_masks"] = (
-            collate_bool_masks([s["constraint_mask"] for s in samples]) if "constraint_mask" in samples[0] else None
-        )
+        batch = self.collate_answers(collate_ofa_samples(samples, pad_idx=self.pad, eos_idx=self.eos), samples)
+        if batch:
+            batch["conf"] = torch.cat([s["conf"] for s in samples])
         return batch

@@ -13,7 +13,7 @@ import logging
 from argparse import Namespace
 from dataclasses import dataclass, field
 from itertools import zip_longest
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from fairseq import metrics, utils
@@ -21,8 +21,13 @@ from fairseq.tasks import register_task
 
 from mue_fairseq.data.caption_dataset import REFERENCE_SEPARATOR, CaptionDataset, strip_punctuation
 from mue_fairseq.data.ofa_bpe import decode_tokens
-from mue_fairseq.tasks.exit_validation import exit_logging, full_depth, has_exits, reduce_exit_metrics, timed
-from mue_fairseq.tasks.ofa_task import OFAConfig, OFATask, ratio_of_meters, sum_logs
+from mue_fairseq.tasks.exit_validation import (
+    full_depth,
+    hypothesis_exit_layers,
+    reduce_exit_metrics,
+    validate_with_exits,
+)
+from mue_fairseq.tasks.ofa_task import OFAConfig, OFATask, reduce_score, sum_logs
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +74,7 @@ def _parse_json_option(name: str, value: Optional[str]) -> Dict:
 @register_task("caption", dataclass=CaptionConfig)
 class CaptionTask(OFATask):
     cfg: CaptionConfig
+    dataset_class = CaptionDataset
 
     def __init__(self, cfg: CaptionConfig, src_dict, tgt_dict):
         unsupported = [
@@ -88,18 +94,11 @@ class CaptionTask(OFATask):
         self.scst_generator = None
         self.cider_scorer = None
 
-    def load_dataset(self, split: str, epoch: int = 1, combine: bool = False, **kwargs):
-        self.datasets[split] = CaptionDataset(
-            split,
-            self.open_tsv(split, epoch),
-            self.bpe,
-            self.src_dict,
-            self.tgt_dict,
-            max_tgt_length=self.cfg.max_tgt_length,
-            patch_image_size=self.cfg.patch_image_size,
-            imagenet_default_mean_and_std=self.cfg.imagenet_default_mean_and_std,
-            scst=self.cfg.scst,
-        )
+    def dataset_options(self) -> Dict[str, Any]:
+        return {
+            "max_tgt_length": self.cfg.max_tgt_length,
+            "scst": self.cfg.scst,
+        }
 
     def build_model(self, cfg, from_checkpoint=False):
         model = super().build_model(cfg, from_checkpoint)
@@ -147,19 +146,16 @@ class CaptionTask(OFATask):
     def valid_step(self, sample, model, criterion):
         with full_depth(model):
             loss, sample_size, logging_output = super().valid_step(sample, model, criterion)
-            if not (self.cfg.eval_bleu or self.cfg.eval_cider):
-                return loss, sample_size, logging_output
-            model.eval()
-            gen_out, seconds_full = timed(self.inference_step, self.sequence_generator, [model], sample)
-        logging_output.update(self._quality_logging(*self.captions_of(gen_out, sample), ""))
-        if has_exits(model):
-            gen_out, seconds_exit = timed(self.inference_step, self.sequence_generator, [model], sample)
-            logging_output.update(self._quality_logging(*self.captions_of(gen_out, sample), "_mue"))
-            best = [hypos[0] for hypos in gen_out]
-            image, text = zip(*(h["encoder_exit_layers"].tolist() for h in best))
-            decoder = [h["exit_layers"].tolist() for h in best]
-            logging_output.update(exit_logging(model, image, text, decoder, seconds_full, seconds_exit))
+        if self.cfg.eval_bleu or self.cfg.eval_cider:
+            validate_with_exits(model, sample, self._hypotheses, self._score_logging, logging_output)
         return loss, sample_size, logging_output
+
+    def _hypotheses(self, model, sample):
+        gen_out = self.inference_step(self.sequence_generator, [model], sample)
+        return (gen_out, *hypothesis_exit_layers(model, gen_out))
+
+    def _score_logging(self, sample, gen_out, suffix: str) -> Dict[str, float]:
+        return self._quality_logging(*self.captions_of(gen_out, sample), suffix)
 
     def _quality_logging(self, hyps: Sequence[str], refs: Sequence[Sequence[str]], suffix: str) -> Dict[str, float]:
         """BLEU statistics and CIDEr sums of a batch, keys ending with ``suffix``."""
@@ -189,10 +185,10 @@ class CaptionTask(OFATask):
                 metrics.log_scalar(f"_bleu_sys_len{suffix}", sum_logs(logging_outputs, f"_bleu_sys_len{suffix}"))
                 metrics.log_scalar(f"_bleu_ref_len{suffix}", sum_logs(logging_outputs, f"_bleu_ref_len{suffix}"))
                 metrics.log_derived(f"bleu{suffix}", _derived_bleu(suffix))
-        if self.cfg.eval_cider and sum_logs(logging_outputs, f"_cider_cnt{suffix}") > 0:
-            metrics.log_scalar(f"_cider_score_sum{suffix}", sum_logs(logging_outputs, f"_cider_score_sum{suffix}"))
-            metrics.log_scalar(f"_cider_cnt{suffix}", sum_logs(logging_outputs, f"_cider_cnt{suffix}"))
-            metrics.log_derived(f"cider{suffix}", _derived_cider(suffix))
+        if self.cfg.eval_cider:
+            reduce_score(
+                logging_outputs, f"_cider_score_sum{suffix}", f"_cider_cnt{suffix}", f"cider{suffix}", digits=3
+            )
 
 
 def bleu_statistics(hyps: Sequence[str], refs: Sequence[Sequence[str]], tokenized: bool = False) -> Dict[str, float]:
@@ -207,9 +203,6 @@ def bleu_statistics(hyps: Sequence[str], refs: Sequence[Sequence[str]], tokenize
         stats[f"_bleu_totals_{i}"] = bleu.totals[i]
     return stats
 
-
-def _derived_cider(suffix: str):
-    return lambda meters: ratio_of_meters(meters, f"_cider_score_sum{suffix}", f"_cider_cnt{suffix}", 3)
 
 
 def _derived_bleu(suffix: str):

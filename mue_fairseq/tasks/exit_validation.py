@@ -17,7 +17,7 @@ Training and the validation loss always run at full depth.
 """
 import time
 from contextlib import contextmanager
-from typing import Dict, Iterator, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from fairseq.logging import metrics
@@ -95,6 +95,46 @@ def exit_logging(
         "_mue_seconds_full": seconds_full,
         "_mue_seconds_exit": seconds_exit,
     }
+
+
+def hypothesis_exit_layers(model, hypos) -> Tuple[Sequence[int], Sequence[int], List[List[int]]]:
+    """(image layers, text layers, decoder layers per token) of each sample's best hypothesis; a
+    generator that reports no exit layers ran at full depth."""
+    best = [sample_hypos[0] for sample_hypos in hypos]
+    depth = model.args.encoder_layers
+    if "encoder_exit_layers" in best[0]:
+        image, text = zip(*(h["encoder_exit_layers"].tolist() for h in best))
+    else:
+        image, text = [depth] * len(best), [depth] * len(best)
+    decoder = [h["exit_layers"].tolist() if "exit_layers" in h else [] for h in best]
+    return image, text, decoder
+
+
+def validate_with_exits(
+    model,
+    sample,
+    predict: Callable[[Any, Dict[str, Any]], Tuple[Any, Sequence[int], Sequence[int], List[List[int]]]],
+    score_logging: Callable[[Dict[str, Any], Any, str], Dict[str, float]],
+    logging_output: Dict[str, Any],
+) -> Dict[str, Any]:
+    """Add to ``logging_output`` the task metric of ``model`` on a validation batch at full depth
+    and, for a model with exits, again with its exits and where it stopped.
+
+    ``predict(model, sample)`` gives (outputs, image layers, text layers, decoder layers per sample);
+    the layers are read from the pass with exits only. ``score_logging(sample, outputs, suffix)``
+    gives the metric's summable entries, ``suffix`` "" at full depth and "_mue" with exits.
+    """
+    with full_depth(model):
+        model.eval()
+        with torch.no_grad():
+            (outputs, *_), seconds_full = timed(predict, model, sample)
+    logging_output.update(score_logging(sample, outputs, ""))
+    if has_exits(model):
+        with torch.no_grad():
+            (outputs, image, text, decoder), seconds_exit = timed(predict, model, sample)
+        logging_output.update(score_logging(sample, outputs, "_mue"))
+        logging_output.update(exit_logging(model, image, text, decoder, seconds_full, seconds_exit))
+    return logging_output
 
 
 def reduce_exit_metrics(logging_outputs) -> None:

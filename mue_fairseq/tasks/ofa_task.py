@@ -14,7 +14,7 @@ from types import SimpleNamespace
 from typing import Any, Dict, List, Optional
 
 import torch
-from fairseq import search
+from fairseq import metrics, search
 from fairseq.data import FairseqDataset, iterators
 from fairseq.dataclass import FairseqDataclass
 from fairseq.optim.amp_optimizer import AMPOptimizer
@@ -105,9 +105,12 @@ def contiguous_batches(num_samples: int, batch_size: int) -> List[List[int]]:
 
 
 class OFATask(FairseqTask):
-    """Shared behaviour of OFA's tasks; subclasses define ``load_dataset``."""
+    """Shared behaviour of OFA's tasks; subclasses name their ``dataset_class`` and its
+    ``dataset_options``."""
 
     cfg: OFAConfig
+    #: the `OFADataset` subclass that reads the task's rows
+    dataset_class: Optional[type] = None
 
     def __init__(self, cfg: OFAConfig, src_dict, tgt_dict):
         super().__init__(cfg)
@@ -146,6 +149,22 @@ class OFATask(FairseqTask):
                 "and then the validation file, separated by commas"
             )
         return paths[(epoch - 1) % (len(paths) - 1)]
+
+    def load_dataset(self, split: str, epoch: int = 1, combine: bool = False, **kwargs):
+        self.datasets[split] = self.dataset_class(
+            split,
+            self.open_tsv(split, epoch),
+            self.bpe,
+            self.src_dict,
+            self.tgt_dict,
+            patch_image_size=self.cfg.patch_image_size,
+            imagenet_default_mean_and_std=self.cfg.imagenet_default_mean_and_std,
+            **self.dataset_options(),
+        )
+
+    def dataset_options(self) -> Dict[str, Any]:
+        """The task's keyword arguments of ``dataset_class`` besides the image options."""
+        return {}
 
     def open_tsv(self, split: str, epoch: int = 1) -> TSVFile:
         path = self.data_path(split, epoch)
@@ -373,3 +392,11 @@ def ratio_of_meters(meters, numerator: str, denominator: str, digits: int) -> fl
     value = meters[numerator].sum / meters[denominator].sum
     value = value if isinstance(value, float) else float(value)
     return round(value, digits) if math.isfinite(value) else value
+
+
+def reduce_score(logging_outputs, total_key: str, count_key: str, name: str, digits: int = 4) -> None:
+    """Log the metric ``name``, summed ``total_key`` / summed ``count_key``, when some row was scored."""
+    if sum_logs(logging_outputs, count_key) > 0:
+        metrics.log_scalar(total_key, sum_logs(logging_outputs, total_key))
+        metrics.log_scalar(count_key, sum_logs(logging_outputs, count_key))
+        metrics.log_derived(name, lambda meters: ratio_of_meters(meters, total_key, count_key, digits))

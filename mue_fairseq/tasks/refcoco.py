@@ -13,18 +13,22 @@ name, 0-1) at full depth, and ``score_mue`` with a MuE model's exits, with exit 
 import logging
 from argparse import Namespace
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
-from fairseq import metrics
 from fairseq.tasks import register_task
 
 from mue_fairseq.data.location_tokens import bin_offset, bins_to_boxes, box_hits
 from mue_fairseq.data.ofa_bpe import SymbolAwareGPT2BPE
 from mue_fairseq.data.refcoco_dataset import RefcocoDataset
 from mue_fairseq.tasks.caption import _parse_json_option
-from mue_fairseq.tasks.exit_validation import exit_logging, full_depth, has_exits, reduce_exit_metrics, timed
-from mue_fairseq.tasks.ofa_task import OFAConfig, OFATask, ratio_of_meters, sum_logs
+from mue_fairseq.tasks.exit_validation import (
+    full_depth,
+    hypothesis_exit_layers,
+    reduce_exit_metrics,
+    validate_with_exits,
+)
+from mue_fairseq.tasks.ofa_task import OFAConfig, OFATask, reduce_score
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +50,7 @@ class RefcocoConfig(OFAConfig):
 @register_task("refcoco", dataclass=RefcocoConfig)
 class RefcocoTask(OFATask):
     cfg: RefcocoConfig
+    dataset_class = RefcocoDataset
 
     def __init__(self, cfg: RefcocoConfig, src_dict, tgt_dict):
         if cfg.scst:
@@ -58,19 +63,12 @@ class RefcocoTask(OFATask):
         self.eval_args = _parse_json_option("eval_args", cfg.eval_args)
         self.sequence_generator = None
 
-    def load_dataset(self, split: str, epoch: int = 1, combine: bool = False, **kwargs):
-        self.datasets[split] = RefcocoDataset(
-            split,
-            self.open_tsv(split, epoch),
-            self.bpe,
-            self.src_dict,
-            self.tgt_dict,
-            max_src_length=self.cfg.max_src_length,
-            patch_image_size=self.cfg.patch_image_size,
-            imagenet_default_mean_and_std=self.cfg.imagenet_default_mean_and_std,
-            num_bins=self.cfg.num_bins,
-            max_image_size=self.cfg.max_image_size,
-        )
+    def dataset_options(self) -> Dict[str, Any]:
+        return {
+            "max_src_length": self.cfg.max_src_length,
+            "num_bins": self.cfg.num_bins,
+            "max_image_size": self.cfg.max_image_size,
+        }
 
     def build_model(self, cfg, from_checkpoint=False):
         model = super().build_model(cfg, from_checkpoint)
@@ -116,19 +114,13 @@ class RefcocoTask(OFATask):
     def valid_step(self, sample, model, criterion):
         with full_depth(model):
             loss, sample_size, logging_output = super().valid_step(sample, model, criterion)
-            if not self.cfg.eval_acc:
-                return loss, sample_size, logging_output
-            model.eval()
-            hypos, seconds_full = timed(self.inference_step, self.sequence_generator, [model], sample)
-        logging_output.update(self._score_logging(sample, hypos, ""))
-        if has_exits(model):
-            hypos, seconds_exit = timed(self.inference_step, self.sequence_generator, [model], sample)
-            logging_output.update(self._score_logging(sample, hypos, "_mue"))
-            best = [h[0] for h in hypos]
-            image, text = zip(*(h["encoder_exit_layers"].tolist() for h in best))
-            decoder = [h["exit_layers"].tolist() for h in best]
-            logging_output.update(exit_logging(model, image, text, decoder, seconds_full, seconds_exit))
+        if self.cfg.eval_acc:
+            validate_with_exits(model, sample, self._hypotheses, self._score_logging, logging_output)
         return loss, sample_size, logging_output
+
+    def _hypotheses(self, model, sample):
+        hypos = self.inference_step(self.sequence_generator, [model], sample)
+        return (hypos, *hypothesis_exit_layers(model, hypos))
 
     def _score_logging(self, sample, hypos, suffix: str) -> Dict[str, float]:
         boxes, hits = self.boxes_and_hits(sample, hypos)
@@ -139,12 +131,6 @@ class RefcocoTask(OFATask):
     def reduce_metrics(self, logging_outputs, criterion):
         super().reduce_metrics(logging_outputs, criterion)
         for suffix in ("", "_mue"):
-            if sum_logs(logging_outputs, f"_score_cnt{suffix}") > 0:
-                metrics.log_scalar(f"_score_sum{suffix}", sum_logs(logging_outputs, f"_score_sum{suffix}"))
-                metrics.log_scalar(f"_score_cnt{suffix}", sum_logs(logging_outputs, f"_score_cnt{suffix}"))
-                metrics.log_derived(f"score{suffix}", _derived_score(suffix))
+            reduce_score(logging_outputs, f"_score_sum{suffix}", f"_score_cnt{suffix}", f"score{suffix}")
         reduce_exit_metrics(logging_outputs)
 
-
-def _derived_score(suffix: str):
-    return lambda meters: ratio_of_meters(meters, f"_score_sum{suffix}", f"_score_cnt{suffix}", 4)

@@ -10,17 +10,17 @@ import json
 import os
 import pickle
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
-from fairseq import metrics
 from fairseq.tasks import register_task
 
 from mue_fairseq.data.answer_trie import AnswerTrie
 from mue_fairseq.data.ofa_bpe import decode_tokens, encode_text
-from mue_fairseq.data.snli_ve_dataset import PROMPT_TYPES, SnliVeDataset
-from mue_fairseq.tasks.exit_validation import exit_logging, full_depth, has_exits, reduce_exit_metrics, timed
-from mue_fairseq.tasks.ofa_task import OFAConfig, OFATask, ratio_of_meters, sum_logs
+from mue_fairseq.data.answer_dataset import PROMPT_TYPES
+from mue_fairseq.data.snli_ve_dataset import SnliVeDataset
+from mue_fairseq.tasks.exit_validation import full_depth, reduce_exit_metrics, validate_with_exits
+from mue_fairseq.tasks.ofa_task import OFAConfig, OFATask, reduce_score
 from mue_fairseq.tasks.snli_ve_scoring import best_answers_with_exits, score_snli_ve_candidates
 
 
@@ -76,6 +76,7 @@ def load_ans2label(ans2label_dict: Optional[str], ans2label_file: Optional[str])
 @register_task("snli_ve", dataclass=SnliVeConfig)
 class SnliVeTask(OFATask):
     cfg: SnliVeConfig
+    dataset_class = SnliVeDataset
 
     def __init__(self, cfg: SnliVeConfig, src_dict, tgt_dict):
         if cfg.prompt_type is not None and cfg.prompt_type not in PROMPT_TYPES:
@@ -92,20 +93,13 @@ class SnliVeTask(OFATask):
             self.answer_tokens.append(tokens)
             self.constraint_trie.insert(tokens.tolist() + [tgt_dict.eos()])
 
-    def load_dataset(self, split: str, epoch: int = 1, combine: bool = False, **kwargs):
-        self.datasets[split] = SnliVeDataset(
-            split,
-            self.open_tsv(split, epoch),
-            self.bpe,
-            self.src_dict,
-            self.tgt_dict,
-            max_src_length=self.cfg.max_src_length,
-            patch_image_size=self.cfg.patch_image_size,
-            add_caption=self.cfg.add_caption,
-            constraint_trie=self.constraint_trie,
-            imagenet_default_mean_and_std=self.cfg.imagenet_default_mean_and_std,
-            prompt_type=self.cfg.prompt_type,
-        )
+    def dataset_options(self) -> Dict[str, Any]:
+        return {
+            "max_src_length": self.cfg.max_src_length,
+            "add_caption": self.cfg.add_caption,
+            "constraint_trie": self.constraint_trie,
+            "prompt_type": self.cfg.prompt_type,
+        }
 
     def generator_kwargs(self):
         return {"constraint_trie": self.constraint_trie}
@@ -144,15 +138,7 @@ class SnliVeTask(OFATask):
     def valid_step(self, sample, model, criterion):
         with full_depth(model):
             loss, sample_size, logging_output = super().valid_step(sample, model, criterion)
-            model.eval()
-            with torch.no_grad():
-                (hyps, *_), seconds_full = timed(self.answer_with_exits, model, sample)
-        logging_output.update(self._score_logging(sample, hyps, ""))
-        if has_exits(model):
-            with torch.no_grad():
-                (hyps, image, text, decoder), seconds_exit = timed(self.answer_with_exits, model, sample)
-            logging_output.update(self._score_logging(sample, hyps, "_mue"))
-            logging_output.update(exit_logging(model, image, text, decoder, seconds_full, seconds_exit))
+        validate_with_exits(model, sample, self.answer_with_exits, self._score_logging, logging_output)
         return loss, sample_size, logging_output
 
     @staticmethod
@@ -163,12 +149,6 @@ class SnliVeTask(OFATask):
     def reduce_metrics(self, logging_outputs, criterion):
         super().reduce_metrics(logging_outputs, criterion)
         for suffix in ("", "_mue"):
-            if sum_logs(logging_outputs, f"_snli{suffix}_cnt") > 0:
-                metrics.log_scalar(f"_snli_score{suffix}_sum", sum_logs(logging_outputs, f"_snli_score{suffix}_sum"))
-                metrics.log_scalar(f"_snli{suffix}_cnt", sum_logs(logging_outputs, f"_snli{suffix}_cnt"))
-                metrics.log_derived(f"snli_score{suffix}", _derived_snli_score(suffix))
+            reduce_score(logging_outputs, f"_snli_score{suffix}_sum", f"_snli{suffix}_cnt", f"snli_score{suffix}")
         reduce_exit_metrics(logging_outputs)
 
-
-def _derived_snli_score(suffix: str):
-    return lambda meters: ratio_of_meters(meters, f"_snli_score{suffix}_sum", f"_snli{suffix}_cnt", 4)

@@ -16,19 +16,23 @@ logs the mean as ``vqa_score`` (at full depth; ``vqa_score_mue`` with a MuE mode
 
 from argparse import Namespace
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
-from fairseq import metrics
 from fairseq.tasks import register_task
 
 from mue_fairseq.data.answer_trie import AnswerTrie
 from mue_fairseq.data.ofa_bpe import decode_tokens, encode_text
-from mue_fairseq.data.snli_ve_dataset import PROMPT_TYPES
+from mue_fairseq.data.answer_dataset import PROMPT_TYPES
 from mue_fairseq.data.vqa_gen_dataset import VqaGenDataset
 from mue_fairseq.tasks.caption import _parse_json_option
-from mue_fairseq.tasks.exit_validation import exit_logging, full_depth, has_exits, reduce_exit_metrics, timed
-from mue_fairseq.tasks.ofa_task import OFAConfig, OFATask, ratio_of_meters, sum_logs
+from mue_fairseq.tasks.exit_validation import (
+    full_depth,
+    hypothesis_exit_layers,
+    reduce_exit_metrics,
+    validate_with_exits,
+)
+from mue_fairseq.tasks.ofa_task import OFAConfig, OFATask, reduce_score
 from mue_fairseq.tasks.snli_ve import load_ans2label
 from mue_fairseq.tasks.snli_ve_scoring import best_answers_with_exits, score_snli_ve_candidates
 
@@ -68,6 +72,7 @@ class VqaGenConfig(OFAConfig):
 @register_task("vqa_gen", dataclass=VqaGenConfig)
 class VqaGenTask(OFATask):
     cfg: VqaGenConfig
+    dataset_class = VqaGenDataset
 
     def __init__(self, cfg: VqaGenConfig, src_dict, tgt_dict):
         if cfg.val_inference_type not in INFERENCE_TYPES:
@@ -101,23 +106,16 @@ class VqaGenTask(OFATask):
         """Whether inference scores every candidate (allcand) rather than generating (beamsearch)."""
         return self.cfg.val_inference_type == "allcand"
 
-    def load_dataset(self, split: str, epoch: int = 1, combine: bool = False, **kwargs):
-        self.datasets[split] = VqaGenDataset(
-            split,
-            self.open_tsv(split, epoch),
-            self.bpe,
-            self.src_dict,
-            self.tgt_dict,
-            max_src_length=self.cfg.max_src_length,
-            max_object_length=self.cfg.max_object_length,
-            max_tgt_length=self.cfg.max_tgt_length,
-            patch_image_size=self.cfg.patch_image_size,
-            add_object=self.cfg.add_object,
-            constraint_trie=self.constraint_trie,
-            imagenet_default_mean_and_std=self.cfg.imagenet_default_mean_and_std,
-            prompt_type=self.cfg.prompt_type,
-            candidates=self.ans2label_dict,
-        )
+    def dataset_options(self) -> Dict[str, Any]:
+        return {
+            "max_src_length": self.cfg.max_src_length,
+            "max_object_length": self.cfg.max_object_length,
+            "max_tgt_length": self.cfg.max_tgt_length,
+            "add_object": self.cfg.add_object,
+            "constraint_trie": self.constraint_trie,
+            "prompt_type": self.cfg.prompt_type,
+            "candidates": self.ans2label_dict,
+        }
 
     def build_model(self, cfg, from_checkpoint=False):
         model = super().build_model(cfg, from_checkpoint)
@@ -173,17 +171,9 @@ class VqaGenTask(OFATask):
             eval_model = extra_kwargs.get("ema_model")
             if eval_model is None:
                 raise ValueError("--uses-ema validates the EMA model: train with --store-ema")
-        with full_depth(model), full_depth(eval_model):
+        with full_depth(model):
             loss, sample_size, logging_output = super().valid_step(sample, model, criterion)
-            eval_model.eval()
-            with torch.no_grad():
-                (hyps, *_), seconds_full = timed(self._answers, eval_model, sample)
-        logging_output.update(_score_logging(sample, hyps, ""))
-        if has_exits(eval_model):
-            with torch.no_grad():
-                (hyps, image, text, decoder), seconds_exit = timed(self._answers, eval_model, sample)
-            logging_output.update(_score_logging(sample, hyps, "_mue"))
-            logging_output.update(exit_logging(eval_model, image, text, decoder, seconds_full, seconds_exit))
+        validate_with_exits(eval_model, sample, self._answers, _score_logging, logging_output)
         return loss, sample_size, logging_output
 
     def _answers(self, model, sample) -> Tuple[List[str], Sequence[int], Sequence[int], List[List[int]]]:
@@ -191,22 +181,12 @@ class VqaGenTask(OFATask):
         if self.answers_by_scoring:
             return self.answer_with_exits(model, sample)
         hypos = self.inference_step(self.generator, [model], sample)
-        best = [h[0] for h in hypos]
-        depth = model.args.encoder_layers
-        if "encoder_exit_layers" in best[0]:
-            image, text = zip(*(h["encoder_exit_layers"].tolist() for h in best))
-        else:
-            image, text = [depth] * len(best), [depth] * len(best)
-        decoder = [h["exit_layers"].tolist() if "exit_layers" in h else [] for h in best]
-        return self.generated_answers(sample, hypos), image, text, decoder
+        return (self.generated_answers(sample, hypos), *hypothesis_exit_layers(model, hypos))
 
     def reduce_metrics(self, logging_outputs, criterion):
         super().reduce_metrics(logging_outputs, criterion)
         for suffix in ("", "_mue"):
-            if sum_logs(logging_outputs, f"_vqa{suffix}_cnt") > 0:
-                metrics.log_scalar(f"_vqa_score{suffix}_sum", sum_logs(logging_outputs, f"_vqa_score{suffix}_sum"))
-                metrics.log_scalar(f"_vqa{suffix}_cnt", sum_logs(logging_outputs, f"_vqa{suffix}_cnt"))
-                metrics.log_derived(f"vqa_score{suffix}", _derived_vqa_score(suffix))
+            reduce_score(logging_outputs, f"_vqa_score{suffix}_sum", f"_vqa{suffix}_cnt", f"vqa_score{suffix}")
         reduce_exit_metrics(logging_outputs)
 
 
@@ -225,6 +205,3 @@ def _score_logging(sample, answers: Sequence[str], suffix: str) -> Dict[str, flo
     scores = vqa_scores(sample["ref_dict"], answers)
     return {f"_vqa_score{suffix}_sum": sum(scores), f"_vqa{suffix}_cnt": len(scores)}
 
-
-def _derived_vqa_score(suffix: str):
-    return lambda meters: ratio_of_meters(meters, f"_vqa_score{suffix}_sum", f"_vqa{suffix}_cnt", 4)
