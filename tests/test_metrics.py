@@ -30,7 +30,6 @@ from mue_fairseq.metrics.caption_scores import (
 )
 from mue_fairseq.metrics.cider import (
     CiderD,
-    document_frequency,
     save_document_frequency,
     simple_tokenize,
 )

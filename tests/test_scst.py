@@ -21,7 +21,7 @@ import torch
 
 import mue_fairseq  # noqa: F401  (registers the plugin)
 from ofa_fixtures import BPE_DIR, REFERENCE_DIR, require_file
-from ofa_stage2_scripts import EL_RECORDED, SCST_RECORDED, caption_stage1_el_args, caption_stage2_args
+from ofa_stage2_scripts import caption_stage1_el_args, caption_stage2_args
 
 torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[1]

@@ -165,6 +165,11 @@ class OFADataset(FairseqDataset):
         return np.arange(len(self), dtype=np.int64)
 
     def collater(self, samples: List[Dict[str, Any]], pad_to_length=None) -> Dict[str, Any]:
+        return self.collate_samples(samples)
+
+    def collate_samples(self, samples: List[Dict[str, Any]]) -> Dict[str, Any]:
+        """OFA's batch of `samples` with this dataset's padding and its truncated-image notes;
+        subclasses add their task's fields to it."""
         return self.with_truncated_images(collate_ofa_samples(samples, pad_idx=self.pad, eos_idx=self.eos), samples)
 
     def with_truncated_images(self, batch: Dict[str, Any], samples: List[Dict[str, Any]]) -> Dict[str, Any]:

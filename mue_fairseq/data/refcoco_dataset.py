@@ -12,7 +12,7 @@ import torch
 
 from mue_fairseq.data.image_transform import decode_base64_image
 from mue_fairseq.data.location_tokens import check_box, parse_box, quantize_box, resize_ratios
-from mue_fairseq.data.ofa_dataset import OFADataset, collate_ofa_samples, pre_caption
+from mue_fairseq.data.ofa_dataset import OFADataset, pre_caption
 
 
 def refcoco_source_text(expression: str) -> str:
@@ -45,7 +45,10 @@ class RefcocoDataset(OFADataset):
     def __getitem__(self, index: int) -> Dict[str, Any]:
         uniq_id, image_base64, text, region = self.dataset[index]
         where = f"row {uniq_id} ({self.dataset.path}, line {self.dataset.line_number(index)})"
-        image = decode_base64_image(image_base64, where)
+        truncated: List[str] = []
+        image = decode_base64_image(image_base64, where, strict=self.strict_images, truncated=truncated)
+        if truncated:
+            self._truncated_images[str(uniq_id)] = truncated
         width, height = image.size
         box = parse_box(region, where)
         check_box(box, width, height, where)
@@ -74,7 +77,7 @@ class RefcocoDataset(OFADataset):
         }
 
     def collater(self, samples: List[Dict[str, Any]], pad_to_length=None) -> Dict[str, Any]:
-        batch = collate_ofa_samples(samples, pad_idx=self.pad, eos_idx=self.eos)
+        batch = self.collate_samples(samples)
         if not batch:
             return batch
         batch["w_resize_ratios"] = torch.stack([s["w_resize_ratio"] for s in samples])

@@ -13,7 +13,7 @@ import torch
 
 from mue_fairseq.data.answer_dataset import OFAAnswerDataset
 from mue_fairseq.data.answer_trie import AnswerTrie
-from mue_fairseq.data.ofa_dataset import collate_ofa_samples, pre_caption
+from mue_fairseq.data.ofa_dataset import pre_caption
 
 SNLI_LABEL_TO_ANSWER = {"contradiction": "no", "entailment": "yes", "neutral": "maybe"}
 
@@ -69,5 +69,4 @@ class SnliVeDataset(OFAAnswerDataset):
         return self.answer_sample(uniq_id, src_item, patch_image, tgt_item, {answer: 1.0})
 
     def collater(self, samples: List[Dict[str, Any]], pad_to_length=None) -> Dict[str, Any]:
-        batch = collate_ofa_samples(samples, pad_idx=self.pad, eos_idx=self.eos)
-        return self.collate_answers(self.with_truncated_images(batch, samples), samples)
+        return self.collate_answers(self.collate_samples(samples), samples)

@@ -15,7 +15,6 @@ import torch
 
 from mue_fairseq.data.answer_dataset import OFAAnswerDataset
 from mue_fairseq.data.answer_trie import AnswerTrie
-from mue_fairseq.data.ofa_dataset import collate_ofa_samples
 
 ANSWER_SEPARATOR = "&&"
 CONFIDENCE_SEPARATOR = "|!+"
@@ -105,7 +104,7 @@ class VqaGenDataset(OFAAnswerDataset):
         return example
 
     def collater(self, samples: List[Dict[str, Any]], pad_to_length=None) -> Dict[str, Any]:
-        batch = self.collate_answers(collate_ofa_samples(samples, pad_idx=self.pad, eos_idx=self.eos), samples)
+        batch = self.collate_answers(self.collate_samples(samples), samples)
         if batch:
             batch["conf"] = torch.cat([s["conf"] for s in samples])
         return batch
