@@ -53,6 +53,7 @@ class TokenExitDecider:
         self.cfg = cfg
         self.num_layers = num_layers
         self.predict = predict
+        self.passes = cfg.similarity_passes  # >= or >, fixed for the model's options
         self.threshold: Optional[float] = None
         self._previous_argmax: Optional[Tensor] = None
         self._agreements: Optional[Tensor] = None
@@ -83,8 +84,8 @@ class TokenExitDecider:
                               dtype=torch.bool, device=new.device)
         if policy == "similarity":
             if self.cfg.mue_batch_joint_exit:
-                return self.cfg.similarity_passes(batch_cosine(new, old), self.threshold).expand(new.size(0))
-            return self.cfg.similarity_passes(stream_cosine(new.unsqueeze(0), old.unsqueeze(0)), self.threshold)
+                return self.passes(batch_cosine(new, old), self.threshold).expand(new.size(0))
+            return self.passes(stream_cosine(new.unsqueeze(0), old.unsqueeze(0)), self.threshold)
         logits = self.predict(new).float()
         if policy == "entropy":
             log_probs = torch.log_softmax(logits, dim=-1)
