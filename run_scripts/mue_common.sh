@@ -3,6 +3,8 @@
 # Sets:
 #   repo            the repository root
 #   shared_dir      $shared_dir, else <repo>/../shared (OFA's BPE files are in its ofa_bpe/)
+#   bpe_dir user_dir arch resnet_drop_path_rate attention_dropout max_src_length num_bins
+#                   the training scripts' shared defaults (each from the environment when set)
 #   PYTHON          $PYTHON, else $MUE_VENV/bin/python (default <repo>/.venv) when it exists, else python3
 #   n_gpu           GPUs that nvidia-smi lists (restricted to CUDA_VISIBLE_DEVICES when set)
 #   nproc           processes: $NPROC, else one per GPU, else 1 (CPU)
@@ -12,7 +14,7 @@
 #                   CPU support for torchrun's processes, see mue_fairseq/distributed_cpu.py)
 #   train_fp16_args / eval_fp16_args   OFA's fp16 flags on GPUs (FP16=0 turns them off)
 # and the functions run / run_logged / make_dirs, which only print the command (shell-quoted)
-# when DRY_RUN=1.
+# when DRY_RUN=1, and mue_train, the training command the train_*_mue.sh scripts share.
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 shared_dir=${shared_dir:-$(cd "${repo}/.." && pwd)/shared}
@@ -21,6 +23,15 @@ if [ -z "${PYTHON:-}" ]; then
   venv_python="${MUE_VENV:-${repo}/.venv}/bin/python"
   if [ -x "${venv_python}" ]; then PYTHON="${venv_python}"; else PYTHON=python3; fi
 fi
+
+# Training defaults that every train_*_mue.sh script shares (OFA-Base's); the environment overrides.
+bpe_dir=${bpe_dir:-${shared_dir}/ofa_bpe}
+user_dir=${user_dir:-${repo}/mue_fairseq}
+arch=${arch:-mue_ofa_base}
+resnet_drop_path_rate=${resnet_drop_path_rate:-0.0}
+attention_dropout=${attention_dropout:-0.0}
+max_src_length=${max_src_length:-80}
+num_bins=${num_bins:-1000}
 
 n_gpu=0
 if command -v nvidia-smi >/dev/null 2>&1; then
@@ -82,28 +93,65 @@ split_words() {
   read -r -a "$1" <<< "${2:-}"
 }
 
-# train_updates DATA BATCH_SIZE UPDATE_FREQ MAX_EPOCH: updates over MAX_EPOCH epochs of the
-# training files (all files of DATA but the last, the validation file), as fairseq batches them:
-# ceil(rows / batch) batches, sharded over nproc processes, grouped by UPDATE_FREQ.
-train_updates() {
-  local data=$1 batch_size=$2 update_freq=$3 max_epoch=$4
-  local files rows=0 file count
-  IFS=',' read -r -a files <<< "${data}"
+# check_data DATA: each comma-separated file of DATA (training file(s), then the validation file)
+# exists, else a message naming the missing one (the task would fail later, in every process).
+check_data() {
+  local files file
+  IFS=',' read -r -a files <<< "$1"
   if [ "${#files[@]}" -lt 2 ]; then
-    echo "data=${data}: expected training file(s) and a validation file, comma-separated" >&2
+    echo "data=$1: expected training file(s) and a validation file, comma-separated" >&2
     return 1
   fi
-  for file in "${files[@]:0:${#files[@]}-1}"; do
+  for file in "${files[@]}"; do
     if [ ! -f "${file}" ]; then
-      echo "training file not found: ${file} (set data=..., or total_num_update=... and warmup_updates=...)" >&2
+      echo "data file not found: ${file} (set data_dir=... or data=...)" >&2
       return 1
     fi
-    count=$(grep -c '' "${file}")
-    rows=$((rows + count))
   done
-  local files_per_epoch=$(( ${#files[@]} - 1 ))
-  rows=$(( (rows + files_per_epoch - 1) / files_per_epoch ))  # epochs rotate over the training files
-  local batches=$(( (rows + batch_size - 1) / batch_size ))
-  local per_process=$(( (batches + nproc - 1) / nproc ))
-  echo $(( (per_process + update_freq - 1) / update_freq * max_epoch ))
+}
+
+# mue_train [TASK OPTIONS...]: fine-tune with OFA's train.py command line (python -m
+# mue_fairseq.cli.train, which derives polynomial_decay's total and warm-up updates from
+# --max-epoch and --warmup-ratio as OFA does), one torchrun process per GPU or NPROC CPU processes,
+# logged to log_file. The options every MuE training script shares come from the variables the
+# script sets: data selected_cols bpe_dir user_dir restore_file save_path task arch criterion
+# batch_size update_freq resnet_drop_path_rate encoder_drop_path_rate decoder_drop_path_rate
+# dropout attention_dropout lr max_epoch warmup_ratio max_src_length max_tgt_length num_bins
+# patch_image_size; the script's own options follow them, then extra_args (the environment's).
+mue_train() {
+  if [ "${DRY_RUN:-0}" != "1" ]; then
+    check_data "${data}" || return 1
+  fi
+  make_dirs "${log_dir}" "${save_path}"
+  local restore_args=() extra=()
+  if [ -n "${restore_file}" ]; then
+    restore_args=(--restore-file="${restore_file}" --reset-optimizer --reset-dataloader --reset-meters)
+  fi
+  split_words extra "${extra_args:-}"
+  echo "${nproc} ${device_kind} process(es), ${max_epoch} epochs, lr ${lr}, warm-up ratio ${warmup_ratio}" >&2
+  local shared=(
+    "${data}" --selected-cols="${selected_cols}" --bpe-dir="${bpe_dir}" --user-dir="${user_dir}"
+    ${restore_args[@]+"${restore_args[@]}"} --save-dir="${save_path}"
+    --task="${task}" --arch="${arch}" --criterion="${criterion}"
+    --batch-size="${batch_size}" --update-freq="${update_freq}"
+    # OFA-Base's layer norms, shared embeddings and scaling, which its checkpoints need
+    --encoder-normalize-before --decoder-normalize-before --share-decoder-input-output-embed
+    --share-all-embeddings --layernorm-embedding --patch-layernorm-embedding --code-layernorm-embedding
+    --add-type-embedding --scale-attn --scale-fc --scale-heads --disable-entangle
+    --num-bins="${num_bins}" --patch-image-size="${patch_image_size}"
+    --max-src-length="${max_src_length}" --max-tgt-length="${max_tgt_length}"
+    # regularisation and optimisation
+    --resnet-drop-path-rate="${resnet_drop_path_rate}" --encoder-drop-path-rate="${encoder_drop_path_rate}"
+    --decoder-drop-path-rate="${decoder_drop_path_rate}" --dropout="${dropout}"
+    --attention-dropout="${attention_dropout}"
+    --optimizer=adam --adam-betas="(0.9,0.999)" --adam-eps=1e-08 --weight-decay=0.01 --clip-norm=1.0
+    --lr-scheduler=polynomial_decay --lr="${lr}" --max-epoch="${max_epoch}" --warmup-ratio="${warmup_ratio}"
+    # logging, validation once per epoch
+    --log-format=simple --log-interval=10 --fixed-validation-seed=7 --save-interval=1 --validate-interval=1
+    --find-unused-parameters --num-workers=0
+    ${train_fp16_args[@]+"${train_fp16_args[@]}"} ${device_args[@]+"${device_args[@]}"}
+  )
+  run_logged "${log_file}" ${launch_env[@]+"${launch_env[@]}"} \
+    "${PYTHON}" -m torch.distributed.run --nproc_per_node="${nproc}" --master_port="${MASTER_PORT}" \
+    -m mue_fairseq.cli.train "${shared[@]}" "$@" ${extra[@]+"${extra[@]}"}
 }

@@ -89,9 +89,9 @@ def test_train_script_cpu_processes_and_updates(task, tmp_path):
     launcher = command.index("torch.distributed.run")
     port = {"snli_ve": 7061, "caption": 1061, "vqa": 8314, "refcoco": 6051}[task]
     assert command[launcher + 1:launcher + 3] == ["--nproc_per_node=2", f"--master_port={port}"]
-    module = command.index("fairseq_cli.train")
+    module = command.index("mue_fairseq.cli.train")  # OFA's train.py command line
     assert command[module - 1] == "-m" and command[module + 1] == data  # data: first positional argument
-    for flag in ("--cpu", "--reset-optimizer", "--reset-dataloader", "--reset-meters", "--ignore-unused-valid-subsets",
+    for flag in ("--cpu", "--reset-optimizer", "--reset-dataloader", "--reset-meters",
                  "--encoder-normalize-before", "--scale-attn", "--add-type-embedding", "--find-unused-parameters"):
         assert flag in command, flag
     assert "--fp16" not in command
@@ -99,10 +99,12 @@ def test_train_script_cpu_processes_and_updates(task, tmp_path):
     assert option(command, "--arch") == "mue_ofa_base" and option(command, "--criterion") == "mue_layerwise_ce"
     assert option(command, "--user-dir") == str(REPO / "mue_fairseq")
     assert Path(option(command, "--bpe-dir")).resolve() == (REPO.parent / "shared" / "ofa_bpe").resolve()
-    # 100 rows / batch 4 = 25 batches, 13 per process, 5 epochs (OFA's 15 for VQA, 10 for RefCOCO);
-    # warmup int(65 * 0.06) (OFA's 0.04 for VQA)
-    updates, warmup = {"vqa": ("195", "7"), "refcoco": ("130", "7")}.get(task, ("65", "3"))
-    assert option(command, "--total-num-update") == updates and option(command, "--warmup-updates") == warmup
+    # OFA's schedule, derived by mue_fairseq.cli.train from the epochs (tests/test_ofa_train_cli.py):
+    # 5 epochs (OFA's 15 for VQA, 10 for RefCOCO), warm-up ratio 0.06 (OFA's 0.04 for VQA)
+    epochs, ratio = {"vqa": ("15", "0.04"), "refcoco": ("10", "0.06")}.get(task, ("5", "0.06"))
+    assert option(command, "--max-epoch") == epochs and option(command, "--warmup-ratio") == ratio
+    assert not any(t.startswith(("--total-num-update", "--warmup-updates")) for t in command)
+    assert option(command, "--lr-scheduler") == "polynomial_decay"
     assert command[-2:] == ["--layer-reduction", "sum"]
     if task == "snli_ve":
         assert option(command, "--lr") == "5e-5" and option(command, "--label-smoothing") == "0.0"
@@ -133,12 +135,12 @@ def test_train_script_cpu_processes_and_updates(task, tmp_path):
 
 def test_train_script_one_process_per_gpu_with_fp16(tmp_path):
     script = SCRIPTS / "snli_ve" / "train_snli_ve_mue.sh"
-    env = {"PATH": fake_gpu_path(tmp_path, 4), "total_num_update": "1000", "warmup_ratio": "0.06"}
+    env = {"PATH": fake_gpu_path(tmp_path, 4), "warmup_ratio": "0.1"}
     command = dry_run(script, env)
     assert "--nproc_per_node=4" in command and "--cpu" not in command
     assert not any("MUE_CPU_DISTRIBUTED" in token for token in command)
     assert "--fp16" in command and option(command, "--fp16-scale-window") == "512"
-    assert option(command, "--warmup-updates") == "60"
+    assert option(command, "--warmup-ratio") == "0.1"
     command = dry_run(script, {**env, "CUDA_VISIBLE_DEVICES": "2,3"})
     assert "--nproc_per_node=2" in command
     command = dry_run(script, {**env, "NPROC": "1", "FP16": "0", "restore_file": ""})
@@ -146,11 +148,18 @@ def test_train_script_one_process_per_gpu_with_fp16(tmp_path):
     assert not any(token.startswith("--restore-file") or token == "--reset-optimizer" for token in command)
 
 
-def test_train_script_without_training_data_fails_clearly(tmp_path):
-    result = run_script(SCRIPTS / "caption" / "train_caption_mue.sh",
-                        {"DRY_RUN": "1", "data_dir": str(tmp_path / "missing")}, check=False)
+@pytest.mark.parametrize("data, message", [
+    ("{d}/caption_stage1_train.tsv", "data={d}/caption_stage1_train.tsv: expected training file(s) and a validation file"),
+    ("{d}/caption_stage1_train.tsv,{d}/caption_val.tsv", "data file not found: {d}/caption_stage1_train.tsv"),
+])
+def test_train_script_without_training_data_fails_clearly(data, message, tmp_path):
+    missing = tmp_path / "missing"
+    env = {"data": data.format(d=missing), "log_dir": str(tmp_path / "logs"), "save_dir": str(tmp_path / "ckpt"),
+           "PYTHON": str(tmp_path / "no_python")}  # refused before any process starts
+    result = run_script(SCRIPTS / "caption" / "train_caption_mue.sh", env, check=False)
     assert result.returncode != 0
-    assert f"training file not found: {tmp_path / 'missing'}/caption_stage1_train.tsv" in result.stderr
+    assert message.format(d=missing) in result.stderr
+    assert not (tmp_path / "ckpt").exists()
 
 
 # ----------------------------------------------------------------------------- evaluation and sweeps
@@ -174,19 +183,19 @@ def test_caption_evaluate_and_sweep_commands(tmp_path):
 
 def test_vqa_train_script_options(tmp_path):
     script = SCRIPTS / "vqa" / "train_vqa_mue.sh"
-    env = {"PATH": no_gpu_path(tmp_path), "total_num_update": "100", "uses_ema": "0", "add_object": "0",
+    env = {"PATH": no_gpu_path(tmp_path), "uses_ema": "0", "add_object": "0",
            "unconstrained_training": "1", "val_inference_type": "beamsearch"}
     command = dry_run(script, env)
     assert "--unconstrained-training" in command and not any(t.startswith("--ans2label-file") for t in command)
     assert not any("ema" in t for t in command) and "--add-object" not in command
-    assert option(command, "--val-inference-type") == "beamsearch" and option(command, "--warmup-updates") == "4"
+    assert option(command, "--val-inference-type") == "beamsearch" and option(command, "--warmup-ratio") == "0.04"
 
 
 def test_refcoco_train_script_datasets(tmp_path):
     script = SCRIPTS / "refcoco" / "train_refcoco_mue.sh"
-    env = {"PATH": no_gpu_path(tmp_path), "total_num_update": "100", "data_dir": "/data/g"}
+    env = {"PATH": no_gpu_path(tmp_path), "data_dir": "/data/g"}
     command = dry_run(script, {**env, "dataset": "refcocog"})
-    assert command[command.index("fairseq_cli.train") + 1] == "/data/g/refcocog_train.tsv,/data/g/refcocog_val.tsv"
+    assert command[command.index("mue_fairseq.cli.train") + 1] == "/data/g/refcocog_train.tsv,/data/g/refcocog_val.tsv"
     assert option(command, "--max-epoch") == "12"  # OFA's RefCOCOg epochs; RefCOCO and RefCOCO+ have 10
     assert option(dry_run(script, {**env, "dataset": "refcocoplus"}), "--max-epoch") == "10"
     result = run_script(script, {**env, "DRY_RUN": "1", "dataset": "refclef"}, check=False)
@@ -283,14 +292,14 @@ def test_snli_ve_sweep_then_evaluate_scripts(snli, tmp_path):
 
 
 @pytest.mark.parametrize("task", ["vqa", "refcoco"])
-def test_vqa_and_refcoco_train_commands_parse_as_fairseq_train_arguments(task, tmp_path):
-    from fairseq import options
+def test_vqa_and_refcoco_train_commands_parse_as_train_arguments(task, tmp_path):
+    from mue_fairseq.cli.train import parse_train_args
 
-    env = {"PATH": no_gpu_path(tmp_path), "total_num_update": "100", "log_dir": str(tmp_path / "logs"),
-           "save_dir": str(tmp_path / "ckpt")}
+    env = {"PATH": no_gpu_path(tmp_path), "log_dir": str(tmp_path / "logs"), "save_dir": str(tmp_path / "ckpt")}
     command = dry_run(SCRIPTS / task / f"train_{task}_mue.sh", env)
-    train_argv = command[command.index("fairseq_cli.train") + 1:]
-    args = options.parse_args_and_arch(options.get_training_parser(), train_argv)
+    train_argv = command[command.index("mue_fairseq.cli.train") + 1:]
+    args, cfg = parse_train_args(train_argv)
+    assert args.warmup_ratio == {"vqa": 0.04, "refcoco": 0.06}[task] and cfg.dataset.ignore_unused_valid_subsets
     assert args.arch == "mue_ofa_base" and args.criterion == "mue_layerwise_ce"
     if task == "vqa":
         assert args.task == "vqa_gen" and args.uses_ema and args.store_ema and args.add_object
@@ -344,3 +353,55 @@ def test_refcoco_sweep_then_evaluate_scripts(tiny_refcoco, tmp_path):
     assert scores["num_samples"] == len(tiny_refcoco.split("valid").read_text().splitlines())
     predictions = json.loads((eval_dir / "refcoco_val_predict.json").read_text())
     assert len(predictions) == scores["num_samples"]
+
+
+# ----------------------------------------------------------------------------- training end to end
+@pytest.fixture(scope="module")
+def synthetic_data(tmp_path_factory) -> Path:
+    from data_utils.synthetic import build_synthetic_task
+
+    directory = tmp_path_factory.mktemp("synthetic")
+    build_synthetic_task(str(directory), seed=3, num_train=4, num_valid=3, num_test=1)
+    return directory
+
+
+def train_log_records(log: str, kind: str) -> list:
+    """fairseq's simple-format summary lines of `kind` (train / valid), as dicts."""
+    records = []
+    for line in log.splitlines():
+        parts = [part.strip() for part in line.split(" | ")]
+        if len(parts) > 3 and parts[1] == "INFO" and parts[2] == kind:
+            records.append(dict(part.split(" ", 1) for part in parts[3:] if " " in part))
+    return records
+
+
+@pytest.mark.parametrize("task, metric", [("caption", "cider"), ("snli_ve", "snli_score")])
+def test_train_script_trains_validates_and_saves(task, metric, synthetic_data, tmp_path):
+    """train_{caption,snli_ve}_mue.sh under torchrun (one CPU process), from the tiny OFA checkpoint as
+    MuE's model: one epoch of two updates, OFA's warm-up ratio turned into a schedule, validation
+    with and without exits, checkpoints saved."""
+    from ofa_fixtures import BPE_DIR, REFERENCE_DIR, require_file
+    from ofa_stage2_scripts import TINY_CAPTION_MODEL
+
+    valid = "caption_valid.tsv" if task == "caption" else "snli_ve_valid.tsv"
+    env = {"PATH": os.environ["PATH"], "PYTHON": sys.executable, "NPROC": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+           "data_dir": str(synthetic_data), "data": f"{synthetic_data / f'{task}_train.tsv'},{synthetic_data / valid}",
+           "restore_file": str(require_file(REFERENCE_DIR / "ofa_tiny_caption.pt")),
+           "bpe_dir": str(require_file(BPE_DIR)), "patch_image_size": "64", "max_epoch": "1", "batch_size": "2",
+           "update_freq": "1", "save_dir": str(tmp_path / "ckpt"), "log_dir": str(tmp_path / "logs"),
+           "extra_args": " ".join([*TINY_CAPTION_MODEL, "--mue-decoder-threshold=0.9"])}
+    result = run_script(SCRIPTS / task / f"train_{task}_mue.sh", env)
+    log = result.stdout + result.stderr
+    rows = len((synthetic_data / f"{task}_train.tsv").read_text().splitlines())
+    updates = -(-rows // 2)
+    # the schedule mue_fairseq.cli.train derives from --max-epoch 1 and --warmup-ratio 0.06
+    assert f"total {updates} updates, warm-up {int(updates * 0.06)} updates" in log, log[-3000:]
+    train = train_log_records(log, "train")
+    assert [int(r["num_updates"]) for r in train] == [updates], log[-3000:]
+    assert all("loss_layer1" in r and "loss_layer2" in r for r in train), train  # MuE's layer-wise loss
+    valid_records = train_log_records(log, "valid")
+    assert len(valid_records) == 1 and metric in valid_records[0] and f"{metric}_mue" in valid_records[0], valid_records
+    saved = list((tmp_path / "ckpt").glob("*/checkpoint_last.pt"))
+    assert len(saved) == 1 and (saved[0].parent / "checkpoint_best.pt").exists()
+    assert (tmp_path / "logs").is_dir() and any((tmp_path / "logs").iterdir())  # the log file
