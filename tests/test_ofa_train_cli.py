@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import mue_fairseq  # noqa: F401  (registers the plugin)
+from fairseq_logs import log_records
 from ofa_fixtures import BPE_DIR, fixture_paths
 
 torch.set_num_threads(1)
@@ -148,17 +149,6 @@ def _child_env() -> Dict[str, str]:
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
     return env
-
-
-def log_records(log: str, kind: str) -> List[Dict[str, str]]:
-    """The `key value` fields of each `train` or `valid` record of a simple-format fairseq log."""
-    records = []
-    for line in log.splitlines():
-        parts = [part.strip() for part in line.split(" | ")]
-        if len(parts) > 3 and parts[1] == "INFO" and parts[2] == kind:
-            pairs = [part.split(" ", 1) for part in parts[3:]]
-            records.append({pair[0]: pair[1] for pair in pairs if len(pair) == 2})
-    return records
 
 
 # script -> (task, argument list, validation metric, lr, hand-computed total updates)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from fairseq_logs import log_records
 from tiny_checkpoint import tiny_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -365,16 +366,6 @@ def synthetic_data(tmp_path_factory) -> Path:
     return directory
 
 
-def train_log_records(log: str, kind: str) -> list:
-    """fairseq's simple-format summary lines of `kind` (train / valid), as dicts."""
-    records = []
-    for line in log.splitlines():
-        parts = [part.strip() for part in line.split(" | ")]
-        if len(parts) > 3 and parts[1] == "INFO" and parts[2] == kind:
-            records.append(dict(part.split(" ", 1) for part in parts[3:] if " " in part))
-    return records
-
-
 @pytest.mark.parametrize("task, metric", [("caption", "cider"), ("snli_ve", "snli_score")])
 def test_train_script_trains_validates_and_saves(task, metric, synthetic_data, tmp_path):
     """train_{caption,snli_ve}_mue.sh under torchrun (one CPU process), from the tiny OFA checkpoint as
@@ -397,10 +388,10 @@ def test_train_script_trains_validates_and_saves(task, metric, synthetic_data, t
     updates = -(-rows // 2)
     # the schedule mue_fairseq.cli.train derives from --max-epoch 1 and --warmup-ratio 0.06
     assert f"total {updates} updates, warm-up {int(updates * 0.06)} updates" in log, log[-3000:]
-    train = train_log_records(log, "train")
+    train = log_records(log, "train")
     assert [int(r["num_updates"]) for r in train] == [updates], log[-3000:]
     assert all("loss_layer1" in r and "loss_layer2" in r for r in train), train  # MuE's layer-wise loss
-    valid_records = train_log_records(log, "valid")
+    valid_records = log_records(log, "valid")
     assert len(valid_records) == 1 and metric in valid_records[0] and f"{metric}_mue" in valid_records[0], valid_records
     saved = list((tmp_path / "ckpt").glob("*/checkpoint_last.pt"))
     assert len(saved) == 1 and (saved[0].parent / "checkpoint_best.pt").exists()

@@ -20,6 +20,7 @@ import pytest
 import torch
 
 import mue_fairseq  # noqa: F401  (registers the plugin)
+from fairseq_logs import log_records
 from ofa_fixtures import BPE_DIR, REFERENCE_DIR, require_file
 from ofa_stage2_scripts import caption_stage1_el_args, caption_stage2_args
 
@@ -123,15 +124,6 @@ def run_train_cli(argv: List[str]) -> str:
     log = result.stdout + result.stderr
     assert result.returncode == 0, f"mue_fairseq.cli.train failed ({result.returncode}):\n{log[-6000:]}"
     return log
-
-
-def log_records(log: str, kind: str) -> List[Dict[str, str]]:
-    records = []
-    for line in log.splitlines():
-        parts = [part.strip() for part in line.split(" | ")]
-        if len(parts) > 3 and parts[1] == "INFO" and parts[2] == kind:
-            records.append(dict(part.split(" ", 1) for part in parts[3:] if " " in part))
-    return records
 
 
 @pytest.mark.parametrize("name, metrics", [("scst", ("loss", "score", "ntokens", "nsentences", "sample_size")),

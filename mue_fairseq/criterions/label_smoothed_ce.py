@@ -217,18 +217,17 @@ class AdjustLabelSmoothedCrossEntropyCriterion(FairseqCriterion):
             raise ValueError(f"--drop-worst-ratio must be in [0, 1), got {drop_worst_ratio}")
         if not 0 <= label_smoothing < 1:
             raise ValueError(f"--label-smoothing must be in [0, 1), got {label_smoothing}")
-        self.sentence_avg = sentence_avg
+        # the loss: smoothing, which target positions count, and the vocabulary slice scored
         self.eps = label_smoothing
-        self.ignore_prefix_size = ignore_prefix_size
-        self.ignore_eos = ignore_eos
-        self.report_accuracy = report_accuracy
-        self.drop_worst_ratio = drop_worst_ratio
-        self.drop_worst_after = drop_worst_after
-        self.use_rdrop = use_rdrop
-        self.reg_alpha = reg_alpha
-        self.sample_patch_num = sample_patch_num
         self.constraint_range = parse_constraint_range(constraint_range)
+        self.ignore_prefix_size, self.ignore_eos = ignore_prefix_size, ignore_eos
         self.eos_idx = task.target_dictionary.eos()
+        # what is dropped or added: the worst tokens, R-Drop's pair, image patches
+        self.drop_worst_ratio, self.drop_worst_after = drop_worst_ratio, drop_worst_after
+        self.use_rdrop, self.reg_alpha = use_rdrop, reg_alpha
+        self.sample_patch_num = sample_patch_num
+        # reporting
+        self.sentence_avg, self.report_accuracy = sentence_avg, report_accuracy
 
     # ------------------------------------------------------------------ forward
     def forward(self, model, sample, update_num: int = 0, reduce: bool = True):
