@@ -111,10 +111,10 @@ def test_fine_tuning_starts_from_the_resnet_file_and_its_checkpoint_loads_withou
 
     from mue_fairseq.ofa.resnet import build_resnet
 
+    from ofa_fixtures import require_file
     from tiny_checkpoint import BPE_DIR, TASK_ARGS, TINY_MODEL_ARGS, _plugin_dir
 
-    if not BPE_DIR.exists():
-        pytest.skip(f"OFA BPE files not found at {BPE_DIR}")
+    require_file(BPE_DIR)
     resnet = build_resnet("resnet18", False, 0.0)
     torch.nn.init.constant_(resnet.conv1.weight, 0.5)  # recognisable after two small updates
     weights = tmp_path / "resnet.pt"
