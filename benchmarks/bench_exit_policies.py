@@ -45,7 +45,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from markdown_section import update_section  # noqa: E402  (benchmarks/, beside this script)
-from mue_fairseq.exits.selection import pareto_front  # noqa: E402
+from mue_fairseq.exits.selection import keeps_target, pareto_front  # noqa: E402
 
 logger = logging.getLogger("bench_exit_policies")
 
@@ -226,7 +226,7 @@ def sweep_task(task: str, work: Path, data_dir: Path, bpe_dir: str, args) -> Lis
         for row in batch_rows:
             row["measured_speedup"] = first["seconds"] / row["seconds"] if row["seconds"] else float("nan")
             row["quality_ratio"] = row["quality"] / first["quality"] if first["quality"] else float("nan")
-            row["meets_target"] = row["quality"] >= TARGETS[task] * first["quality"]
+            row["meets_target"] = keeps_target(row["quality"], first["quality"], TARGETS[task])
         rows += batch_rows
     return rows
 

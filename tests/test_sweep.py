@@ -9,9 +9,9 @@ import pytest
 
 from tiny_checkpoint import LAYERS, tiny_checkpoint
 
-from mue_fairseq.cli.sweep import (
-    CSV_COLUMNS, SweepPoint, calibrate, evaluate_command, parse_thresholds, pareto_front, select_fastest,
-)
+from mue_fairseq.cli.sweep import evaluate_command, parse_thresholds
+from mue_fairseq.cli.sweep_report import CSV_COLUMNS
+from mue_fairseq.exits.selection import SweepPoint, calibrate, pareto_front, select_fastest
 
 
 def point(thresholds, quality, seconds, expected_reduction=0.0):

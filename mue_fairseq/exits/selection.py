@@ -46,9 +46,13 @@ class SweepPoint:
         return "img {:g} txt {:g} dec {:g}".format(*self.thresholds)
 
 
+def keeps_target(quality: float, reference_quality: float, target: float) -> bool:
+    """`quality` is at least `target` x the full-depth `reference_quality`."""
+    return quality >= target * reference_quality
+
+
 def meets_target(point: SweepPoint, reference: SweepPoint, target: float) -> bool:
-    """Quality at least `target` x the full-depth quality."""
-    return point.quality >= target * reference.quality
+    return keeps_target(point.quality, reference.quality, target)
 
 
 def select_fastest(points: Sequence[SweepPoint], time_tolerance: float = 0.0) -> SweepPoint:
