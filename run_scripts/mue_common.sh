@@ -155,3 +155,50 @@ mue_train() {
     "${PYTHON}" -m torch.distributed.run --nproc_per_node="${nproc}" --master_port="${MASTER_PORT}" \
     -m mue_fairseq.cli.train "${shared[@]}" "$@" ${extra[@]+"${extra[@]}"}
 }
+
+# mue_evaluate MODULE [OPTIONS...]: python -m mue_fairseq.cli.MODULE (evaluate or sweep) on the
+# file ${data}, with the options every evaluate and sweep script shares (from the variables path
+# task batch_size gen_subset result_path), then OPTIONS, then mue_args (the environment's), then
+# the model overrides: data, bpe_dir, selected_cols and ${more_overrides} (more "key":value pairs,
+# each after a comma).
+mue_evaluate() {
+  local module=$1 extra=()
+  shift
+  split_words extra "${mue_args:-}"
+  run "${PYTHON}" -m "mue_fairseq.cli.${module}" "${data}" \
+    --path="${path}" --user-dir="${user_dir}" --task="${task}" --batch-size="${batch_size}" \
+    --gen-subset="${gen_subset}" --results-path="${result_path}" \
+    --log-format=simple --log-interval=10 --seed=7 --num-workers=0 \
+    ${eval_fp16_args[@]+"${eval_fp16_args[@]}"} ${device_args[@]+"${device_args[@]}"} \
+    "$@" ${extra[@]+"${extra[@]}"} \
+    --model-overrides="{\"data\":\"${data}\",\"bpe_dir\":\"${bpe_dir}\",\"selected_cols\":\"${selected_cols}\"${more_overrides:-}}"
+}
+
+# mue_evaluate_with_exits [OPTIONS...]: mue_evaluate evaluate at the exit thresholds img_thres
+# txt_thres decoder_thres, or those of a sweep's calibration JSON when calibration=... is set.
+mue_evaluate_with_exits() {
+  if [ -n "${calibration:-}" ]; then
+    read -r img_thres txt_thres decoder_thres < <("${PYTHON}" -c '
+import json, sys
+chosen = json.load(open(sys.argv[1]))["thresholds"]
+print(*(chosen[f"mue_{stream}_threshold"] for stream in ("image", "text", "decoder")))' "${calibration}")
+  fi
+  mue_evaluate evaluate --mue-image-threshold="${img_thres}" --mue-text-threshold="${txt_thres}" \
+    --mue-decoder-threshold="${decoder_thres}" "$@"
+}
+
+# mue_sweep [OPTIONS...]: mue_evaluate sweep over the grid image_thresholds text_thresholds
+# decoder_thresholds (default 1,0.97,0.95,0.9 each) with search (grid), target (0.99), repeats (1),
+# warmup_batches (2) and, unless calibrate=0, --calibrate.
+mue_sweep() {
+  local calibrate_args=()
+  if [ "${calibrate:-1}" = "1" ]; then
+    calibrate_args=(--calibrate)
+  fi
+  mue_evaluate sweep \
+    --image-thresholds="${image_thresholds:-1,0.97,0.95,0.9}" \
+    --text-thresholds="${text_thresholds:-1,0.97,0.95,0.9}" \
+    --decoder-thresholds="${decoder_thresholds:-1,0.97,0.95,0.9}" \
+    --search="${search:-grid}" --target="${target:-0.99}" --repeats="${repeats:-1}" \
+    --warmup-batches="${warmup_batches:-2}" ${calibrate_args[@]+"${calibrate_args[@]}"} "$@"
+}

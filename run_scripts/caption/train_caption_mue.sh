@@ -7,7 +7,8 @@
 #   bash run_scripts/caption/train_caption_mue.sh
 #   data_dir=/data/caption_data restore_file=/ckpt/ofa_base.pt bash run_scripts/caption/train_caption_mue.sh
 #
-# Every variable below can be set from the environment. DRY_RUN=1 prints the command instead.
+# Every variable below, and those ../mue_common.sh defaults, can be set from the environment.
+# DRY_RUN=1 prints the command instead.
 # extra_args: more fairseq-train options (e.g. "--layer-reduction sum" for the authors' loss).
 set -euo pipefail
 source "$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/mue_common.sh"

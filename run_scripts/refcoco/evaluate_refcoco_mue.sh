@@ -14,13 +14,11 @@
 # (calibration=...); 1 disables a stream's exits. Nobody has published MuE thresholds for grounding:
 # the defaults (1) evaluate at full depth; calibrate them with sweep_refcoco_mue.sh. MuE timed with
 # batch_size=1 on one GPU.
-# Every variable below can be set from the environment. DRY_RUN=1 prints the command instead.
+# Every variable below, and those ../mue_common.sh defaults, can be set from the environment.
+# DRY_RUN=1 prints the command instead.
 # mue_args: more evaluate options (e.g. "--mue-kv-policy copy").
 set -euo pipefail
 source "$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/mue_common.sh"
-
-user_dir=${user_dir:-${repo}/mue_fairseq}
-bpe_dir=${bpe_dir:-${shared_dir}/ofa_bpe}
 
 dataset=${dataset:-refcoco}
 split=${1:-${split:-val}}
@@ -36,35 +34,8 @@ beam=${beam:-5}
 img_thres=${img_thres:-1}
 txt_thres=${txt_thres:-1}
 decoder_thres=${decoder_thres:-1}
-calibration=${calibration:-}
-if [ -n "${calibration}" ]; then
-  read -r img_thres txt_thres decoder_thres < <("${PYTHON}" -c '
-import json, sys
-t = json.load(open(sys.argv[1]))["thresholds"]
-print(t["mue_image_threshold"], t["mue_text_threshold"], t["mue_decoder_threshold"])' "${calibration}")
-fi
-split_words extra "${mue_args:-}"
 
-run "${PYTHON}" -m mue_fairseq.cli.evaluate \
-    "${data}" \
-    --path="${path}" \
-    --user-dir="${user_dir}" \
-    --task=refcoco \
-    --batch-size="${batch_size}" \
-    --log-format=simple --log-interval=10 \
-    --seed=7 \
-    --gen-subset="${dataset}_${split}" \
-    --results-path="${result_path}" \
-    --beam="${beam}" \
-    --min-len=4 \
-    --max-len-a=0 \
-    --max-len-b=4 \
-    --no-repeat-ngram-size=3 \
-    ${eval_fp16_args[@]+"${eval_fp16_args[@]}"} \
-    ${device_args[@]+"${device_args[@]}"} \
-    --num-workers=0 \
-    --mue-image-threshold="${img_thres}" \
-    --mue-text-threshold="${txt_thres}" \
-    --mue-decoder-threshold="${decoder_thres}" \
-    ${extra[@]+"${extra[@]}"} \
-    --model-overrides="{\"data\":\"${data}\",\"bpe_dir\":\"${bpe_dir}\",\"selected_cols\":\"${selected_cols}\"}"
+task=refcoco
+gen_subset=${dataset}_${split}
+# OFA's evaluation arguments: exactly four location tokens
+mue_evaluate_with_exits --beam="${beam}" --min-len=4 --max-len-a=0 --max-len-b=4 --no-repeat-ngram-size=3

@@ -10,13 +10,12 @@
 #   bash run_scripts/refcoco/sweep_refcoco_mue.sh val
 #   dataset=refcocoplus search=coordinate bash run_scripts/refcoco/sweep_refcoco_mue.sh val
 #
-# Every variable below can be set from the environment. DRY_RUN=1 prints the command instead.
+# Every variable below can be set from the environment, and so can the grid and search (image_thresholds,
+# text_thresholds, decoder_thresholds, search, target, repeats, warmup_batches, calibrate: mue_sweep in
+# ../mue_common.sh has their defaults). DRY_RUN=1 prints the command instead.
 # mue_args: more evaluate options, fixed for the whole sweep (e.g. "--mue-kv-policy copy").
 set -euo pipefail
 source "$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/mue_common.sh"
-
-user_dir=${user_dir:-${repo}/mue_fairseq}
-bpe_dir=${bpe_dir:-${shared_dir}/ofa_bpe}
 
 dataset=${dataset:-refcoco}
 # val (calibrate here) or a test split
@@ -30,46 +29,7 @@ selected_cols=${selected_cols:-0,4,2,3}
 batch_size=${batch_size:-16}
 beam=${beam:-5}
 
-image_thresholds=${image_thresholds:-1,0.97,0.95,0.9}
-text_thresholds=${text_thresholds:-1,0.97,0.95,0.9}
-decoder_thresholds=${decoder_thresholds:-1,0.97,0.95,0.9}
-search=${search:-grid}
-target=${target:-0.99}
-calibrate=${calibrate:-1}
-repeats=${repeats:-1}
-warmup_batches=${warmup_batches:-2}
-
-calibrate_args=()
-if [ "${calibrate}" = "1" ]; then
-  calibrate_args=(--calibrate)
-fi
-split_words extra "${mue_args:-}"
-
-run "${PYTHON}" -m mue_fairseq.cli.sweep \
-    "${data}" \
-    --path="${path}" \
-    --user-dir="${user_dir}" \
-    --task=refcoco \
-    --batch-size="${batch_size}" \
-    --log-format=simple --log-interval=10 \
-    --seed=7 \
-    --gen-subset="${dataset}_${split}" \
-    --results-path="${result_path}" \
-    --beam="${beam}" \
-    --min-len=4 \
-    --max-len-a=0 \
-    --max-len-b=4 \
-    --no-repeat-ngram-size=3 \
-    ${eval_fp16_args[@]+"${eval_fp16_args[@]}"} \
-    ${device_args[@]+"${device_args[@]}"} \
-    --num-workers=0 \
-    --image-thresholds="${image_thresholds}" \
-    --text-thresholds="${text_thresholds}" \
-    --decoder-thresholds="${decoder_thresholds}" \
-    --search="${search}" \
-    --target="${target}" \
-    --repeats="${repeats}" \
-    --warmup-batches="${warmup_batches}" \
-    ${calibrate_args[@]+"${calibrate_args[@]}"} \
-    ${extra[@]+"${extra[@]}"} \
-    --model-overrides="{\"data\":\"${data}\",\"bpe_dir\":\"${bpe_dir}\",\"selected_cols\":\"${selected_cols}\"}"
+task=refcoco
+gen_subset=${dataset}_${split}
+# OFA's evaluation arguments: exactly four location tokens
+mue_sweep --beam="${beam}" --min-len=4 --max-len-a=0 --max-len-b=4 --no-repeat-ngram-size=3

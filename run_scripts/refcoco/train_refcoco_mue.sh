@@ -10,7 +10,8 @@
 #   dataset=refcocog data_dir=/data/refcocog_data bash run_scripts/refcoco/train_refcoco_mue.sh
 #
 # dataset: refcoco, refcocoplus or refcocog (data_utils/convert_refcoco.py writes their TSVs).
-# Every variable below can be set from the environment. DRY_RUN=1 prints the command instead.
+# Every variable below, and those ../mue_common.sh defaults, can be set from the environment.
+# DRY_RUN=1 prints the command instead.
 # extra_args: more fairseq-train options (e.g. "--layer-reduction sum" for the authors' loss).
 set -euo pipefail
 source "$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/mue_common.sh"

@@ -8,13 +8,11 @@
 # The first argument is the split (dev or test). Thresholds: img_thres / txt_thres / decoder_thres
 # (defaults: the authors' released SNLI-VE setting), or those of a sweep's calibration JSON
 # (calibration=...); 1 disables a stream's exits. MuE timed with batch_size=1 on one GPU.
-# Every variable below can be set from the environment. DRY_RUN=1 prints the command instead.
+# Every variable below, and those ../mue_common.sh defaults, can be set from the environment.
+# DRY_RUN=1 prints the command instead.
 # mue_args: more evaluate options (e.g. "--mue-kv-policy copy --snli-mode generate").
 set -euo pipefail
 source "$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/mue_common.sh"
-
-user_dir=${user_dir:-${repo}/mue_fairseq}
-bpe_dir=${bpe_dir:-${shared_dir}/ofa_bpe}
 
 # dev or test
 split=${1:-${split:-test}}
@@ -29,30 +27,7 @@ batch_size=${batch_size:-8}
 img_thres=${img_thres:-0.7}
 txt_thres=${txt_thres:-0.99}
 decoder_thres=${decoder_thres:-0.7}
-calibration=${calibration:-}
-if [ -n "${calibration}" ]; then
-  read -r img_thres txt_thres decoder_thres < <("${PYTHON}" -c '
-import json, sys
-t = json.load(open(sys.argv[1]))["thresholds"]
-print(t["mue_image_threshold"], t["mue_text_threshold"], t["mue_decoder_threshold"])' "${calibration}")
-fi
-split_words extra "${mue_args:-}"
 
-run "${PYTHON}" -m mue_fairseq.cli.evaluate \
-    "${data}" \
-    --path="${path}" \
-    --user-dir="${user_dir}" \
-    --task=snli_ve \
-    --batch-size="${batch_size}" \
-    --log-format=simple --log-interval=10 \
-    --seed=7 \
-    --gen-subset="${split}" \
-    --results-path="${result_path}" \
-    ${eval_fp16_args[@]+"${eval_fp16_args[@]}"} \
-    ${device_args[@]+"${device_args[@]}"} \
-    --num-workers=0 \
-    --mue-image-threshold="${img_thres}" \
-    --mue-text-threshold="${txt_thres}" \
-    --mue-decoder-threshold="${decoder_thres}" \
-    ${extra[@]+"${extra[@]}"} \
-    --model-overrides="{\"data\":\"${data}\",\"bpe_dir\":\"${bpe_dir}\",\"selected_cols\":\"${selected_cols}\"}"
+task=snli_ve
+gen_subset=${split}
+mue_evaluate_with_exits

@@ -9,13 +9,12 @@
 #   bash run_scripts/snli_ve/sweep_snli_ve_mue.sh dev
 #   search=coordinate image_thresholds=1,0.9,0.8,0.7 bash run_scripts/snli_ve/sweep_snli_ve_mue.sh dev
 #
-# Every variable below can be set from the environment. DRY_RUN=1 prints the command instead.
+# Every variable below can be set from the environment, and so can the grid and search (image_thresholds,
+# text_thresholds, decoder_thresholds, search, target, repeats, warmup_batches, calibrate: mue_sweep in
+# ../mue_common.sh has their defaults). DRY_RUN=1 prints the command instead.
 # mue_args: more evaluate options, fixed for the whole sweep (e.g. "--mue-kv-policy copy").
 set -euo pipefail
 source "$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/mue_common.sh"
-
-user_dir=${user_dir:-${repo}/mue_fairseq}
-bpe_dir=${bpe_dir:-${shared_dir}/ofa_bpe}
 
 # dev (calibrate here) or test
 split=${1:-${split:-dev}}
@@ -27,41 +26,6 @@ result_path=${result_path:-${repo}/results/snli_ve_mue_sweep}
 selected_cols=${selected_cols:-0,2,3,4,5}
 batch_size=${batch_size:-8}
 
-image_thresholds=${image_thresholds:-1,0.97,0.95,0.9}
-text_thresholds=${text_thresholds:-1,0.97,0.95,0.9}
-decoder_thresholds=${decoder_thresholds:-1,0.97,0.95,0.9}
-search=${search:-grid}
-target=${target:-0.99}
-calibrate=${calibrate:-1}
-repeats=${repeats:-1}
-warmup_batches=${warmup_batches:-2}
-
-calibrate_args=()
-if [ "${calibrate}" = "1" ]; then
-  calibrate_args=(--calibrate)
-fi
-split_words extra "${mue_args:-}"
-
-run "${PYTHON}" -m mue_fairseq.cli.sweep \
-    "${data}" \
-    --path="${path}" \
-    --user-dir="${user_dir}" \
-    --task=snli_ve \
-    --batch-size="${batch_size}" \
-    --log-format=simple --log-interval=10 \
-    --seed=7 \
-    --gen-subset="${split}" \
-    --results-path="${result_path}" \
-    ${eval_fp16_args[@]+"${eval_fp16_args[@]}"} \
-    ${device_args[@]+"${device_args[@]}"} \
-    --num-workers=0 \
-    --image-thresholds="${image_thresholds}" \
-    --text-thresholds="${text_thresholds}" \
-    --decoder-thresholds="${decoder_thresholds}" \
-    --search="${search}" \
-    --target="${target}" \
-    --repeats="${repeats}" \
-    --warmup-batches="${warmup_batches}" \
-    ${calibrate_args[@]+"${calibrate_args[@]}"} \
-    ${extra[@]+"${extra[@]}"} \
-    --model-overrides="{\"data\":\"${data}\",\"bpe_dir\":\"${bpe_dir}\",\"selected_cols\":\"${selected_cols}\"}"
+task=snli_ve
+gen_subset=${split}
+mue_sweep

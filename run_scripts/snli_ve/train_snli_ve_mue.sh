@@ -6,7 +6,8 @@
 #   bash run_scripts/snli_ve/train_snli_ve_mue.sh
 #   data_dir=/data/snli_ve_data restore_file=/ckpt/ofa_base.pt lr=5e-5 bash run_scripts/snli_ve/train_snli_ve_mue.sh
 #
-# Every variable below can be set from the environment. DRY_RUN=1 prints the command instead.
+# Every variable below, and those ../mue_common.sh defaults, can be set from the environment.
+# DRY_RUN=1 prints the command instead.
 # extra_args: more fairseq-train options (e.g. "--layer-reduction sum" for the authors' loss).
 set -euo pipefail
 source "$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/mue_common.sh"

@@ -15,13 +15,11 @@
 # published MuE thresholds for VQA: the defaults (1) evaluate at full depth; calibrate them with
 # sweep_vqa_mue.sh. MuE timed with batch_size=1 on one GPU. OFA's --ema-eval is not supported: pass
 # a checkpoint whose model weights are the ones to evaluate.
-# Every variable below can be set from the environment. DRY_RUN=1 prints the command instead.
+# Every variable below, and those ../mue_common.sh defaults, can be set from the environment.
+# DRY_RUN=1 prints the command instead.
 # mue_args: more evaluate options (e.g. "--mue-kv-policy copy").
 set -euo pipefail
 source "$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/mue_common.sh"
-
-user_dir=${user_dir:-${repo}/mue_fairseq}
-bpe_dir=${bpe_dir:-${shared_dir}/ofa_bpe}
 
 # val or test
 split=${1:-${split:-val}}
@@ -55,31 +53,8 @@ esac
 img_thres=${img_thres:-1}
 txt_thres=${txt_thres:-1}
 decoder_thres=${decoder_thres:-1}
-calibration=${calibration:-}
-if [ -n "${calibration}" ]; then
-  read -r img_thres txt_thres decoder_thres < <("${PYTHON}" -c '
-import json, sys
-t = json.load(open(sys.argv[1]))["thresholds"]
-print(t["mue_image_threshold"], t["mue_text_threshold"], t["mue_decoder_threshold"])' "${calibration}")
-fi
-split_words extra "${mue_args:-}"
 
-run "${PYTHON}" -m mue_fairseq.cli.evaluate \
-    "${data}" \
-    --path="${path}" \
-    --user-dir="${user_dir}" \
-    --task=vqa_gen \
-    --batch-size="${batch_size}" \
-    --log-format=simple --log-interval=10 \
-    --seed=7 \
-    --gen-subset="${split}" \
-    --results-path="${result_path}" \
-    ${inference_args[@]+"${inference_args[@]}"} \
-    ${eval_fp16_args[@]+"${eval_fp16_args[@]}"} \
-    ${device_args[@]+"${device_args[@]}"} \
-    --num-workers=0 \
-    --mue-image-threshold="${img_thres}" \
-    --mue-text-threshold="${txt_thres}" \
-    --mue-decoder-threshold="${decoder_thres}" \
-    ${extra[@]+"${extra[@]}"} \
-    --model-overrides="{\"data\":\"${data}\",\"bpe_dir\":\"${bpe_dir}\",\"selected_cols\":\"${selected_cols}\",\"ans2label_file\":\"${ans2label_file}\",\"valid_batch_size\":${valid_batch_size}}"
+task=vqa_gen
+gen_subset=${split}
+more_overrides=",\"ans2label_file\":\"${ans2label_file}\",\"valid_batch_size\":${valid_batch_size}"
+mue_evaluate_with_exits ${inference_args[@]+"${inference_args[@]}"}

@@ -9,13 +9,12 @@
 #   bash run_scripts/vqa/sweep_vqa_mue.sh val
 #   search=coordinate image_thresholds=1,0.9,0.8,0.7 bash run_scripts/vqa/sweep_vqa_mue.sh val
 #
-# Every variable below can be set from the environment. DRY_RUN=1 prints the command instead.
+# Every variable below can be set from the environment, and so can the grid and search (image_thresholds,
+# text_thresholds, decoder_thresholds, search, target, repeats, warmup_batches, calibrate: mue_sweep in
+# ../mue_common.sh has their defaults). DRY_RUN=1 prints the command instead.
 # mue_args: more evaluate options, fixed for the whole sweep (e.g. "--mue-kv-policy copy").
 set -euo pipefail
 source "$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/mue_common.sh"
-
-user_dir=${user_dir:-${repo}/mue_fairseq}
-bpe_dir=${bpe_dir:-${shared_dir}/ofa_bpe}
 
 # val (calibrate here) or test
 split=${1:-${split:-val}}
@@ -29,41 +28,7 @@ selected_cols=${selected_cols:-0,5,2,3,4}
 batch_size=${batch_size:-8}
 valid_batch_size=${valid_batch_size:-20}
 
-image_thresholds=${image_thresholds:-1,0.97,0.95,0.9}
-text_thresholds=${text_thresholds:-1,0.97,0.95,0.9}
-decoder_thresholds=${decoder_thresholds:-1,0.97,0.95,0.9}
-search=${search:-grid}
-target=${target:-0.99}
-calibrate=${calibrate:-1}
-repeats=${repeats:-1}
-warmup_batches=${warmup_batches:-2}
-
-calibrate_args=()
-if [ "${calibrate}" = "1" ]; then
-  calibrate_args=(--calibrate)
-fi
-split_words extra "${mue_args:-}"
-
-run "${PYTHON}" -m mue_fairseq.cli.sweep \
-    "${data}" \
-    --path="${path}" \
-    --user-dir="${user_dir}" \
-    --task=vqa_gen \
-    --batch-size="${batch_size}" \
-    --log-format=simple --log-interval=10 \
-    --seed=7 \
-    --gen-subset="${split}" \
-    --results-path="${result_path}" \
-    ${eval_fp16_args[@]+"${eval_fp16_args[@]}"} \
-    ${device_args[@]+"${device_args[@]}"} \
-    --num-workers=0 \
-    --image-thresholds="${image_thresholds}" \
-    --text-thresholds="${text_thresholds}" \
-    --decoder-thresholds="${decoder_thresholds}" \
-    --search="${search}" \
-    --target="${target}" \
-    --repeats="${repeats}" \
-    --warmup-batches="${warmup_batches}" \
-    ${calibrate_args[@]+"${calibrate_args[@]}"} \
-    ${extra[@]+"${extra[@]}"} \
-    --model-overrides="{\"data\":\"${data}\",\"bpe_dir\":\"${bpe_dir}\",\"selected_cols\":\"${selected_cols}\",\"ans2label_file\":\"${ans2label_file}\",\"valid_batch_size\":${valid_batch_size}}"
+task=vqa_gen
+gen_subset=${split}
+more_overrides=",\"ans2label_file\":\"${ans2label_file}\",\"valid_batch_size\":${valid_batch_size}"
+mue_sweep

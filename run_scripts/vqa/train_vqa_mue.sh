@@ -12,7 +12,8 @@
 # data: training file(s) (one per epoch when OFA's shuffled copies are listed) and the validation
 # file last; data_utils/convert_vqa.py writes them (--rows-per-answer for training) and the
 # ans2label pickle. unconstrained_training=1: open-ended answers (OFA ignores ans2label then).
-# Every variable below can be set from the environment. DRY_RUN=1 prints the command instead.
+# Every variable below, and those ../mue_common.sh defaults, can be set from the environment.
+# DRY_RUN=1 prints the command instead.
 # extra_args: more fairseq-train options (e.g. "--layer-reduction sum" for the authors' loss).
 set -euo pipefail
 source "$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/mue_common.sh"
