@@ -76,8 +76,8 @@ class MuEOFAModel(OFAModel):
         if replay is None:
             return self.set_exit_options(**options)
         if (replay.encoder_layers, replay.decoder_layers) != (self.args.encoder_layers, self.args.decoder_layers):
-            raise ValueError(f"{replay.source}: replay is mapped to {replay.encoder_layers}+{replay.decoder_layers} "
-                             f"layers, the model has {self.args.encoder_layers}+{self.args.decoder_layers}")
+            raise ValueError(f"{replay.source or 'exit replay'}: replay is mapped to "
+                             f"{replay.encoder_layers}+{replay.decoder_layers} layers, the model has {self.args.encoder_layers}+{self.args.decoder_layers}")
         return self.set_exit_options(mue_exit_policy="replay", **options)
 
 
