@@ -72,12 +72,13 @@ class MuEOFAModel(OFAModel):
         """Make every row stop where `replay` (recorded exits) says: the `replay` exit policy,
         plus any other exit `options` (e.g. mue_kv_policy). None detaches it; the policy then needs
         setting to another one."""
+        depth = (self.args.encoder_layers, self.args.decoder_layers)
+        if replay is not None and (replay.encoder_layers, replay.decoder_layers) != depth:
+            raise ValueError(f"{replay.source or 'exit replay'}: replay is mapped to "
+                             f"{replay.encoder_layers}+{replay.decoder_layers} layers, the model has {depth[0]}+{depth[1]}")
         self.encoder.exit_replay = self.decoder.exit_replay = replay
         if replay is None:
             return self.set_exit_options(**options)
-        if (replay.encoder_layers, replay.decoder_layers) != (self.args.encoder_layers, self.args.decoder_layers):
-            raise ValueError(f"{replay.source or 'exit replay'}: replay is mapped to "
-                             f"{replay.encoder_layers}+{replay.decoder_layers} layers, the model has {self.args.encoder_layers}+{self.args.decoder_layers}")
         return self.set_exit_options(mue_exit_policy="replay", **options)
 
 
