@@ -18,6 +18,16 @@ Time is read after synchronising the device; on the CPU the process's CPU time i
 A last phase measures the overhead precisely: encoder-only and decoder-only runs of OFA and MuE
 in back-to-back pairs at batch 1 (`--overhead-repeats`).
 
+With `--replay EXIT_STATS.json` the exits are instead a replay of recorded ones: the exit layers
+an evaluation of a trained model wrote (`mue_fairseq.cli.evaluate`'s `{subset}_exit_stats.json`),
+per sample for the image and text streams and per token for the decoder, made on this random-
+weight model through the `replay` exit policy (`mue_fairseq.exits.replay`: same code paths and KV
+policy as real exits, only the decisions are looked up). `mue_full` is timed against the replay
+on the same inputs (no `ofa` run, no overhead phase); the ideal is the FLOP model's speed-up of
+the replayed exits. Batch 1 times `--replay-batch1-samples` generations (recorded samples 0..n-1)
+per round, larger batches one batch (recorded samples 0..b-1, cycled when the recording is
+smaller); every round starts the replay from sample 0.
+
 Results go to benchmarks/results/exit_speed_<device>_<dtype>_<px>px<tag>.{json,csv}; with
 `--markdown`, the tables replace this benchmark's block in BENCHMARKS.md (other sections stay).
 
@@ -25,6 +35,8 @@ Examples (the default CPU run takes 4-7 minutes on the shared 2-core machine):
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_exit_speed.py --markdown BENCHMARKS.md
     python benchmarks/bench_exit_speed.py --device cuda --dtype float16 --image-size 480 --batch-sizes 1 32
     bash benchmarks/gpu_speed.sh  # the prepared GPU run (480 px, float16 and float32, batch 1 and 32)
+    OMP_NUM_THREADS=1 python benchmarks/bench_exit_speed.py --image-size 480 \
+        --replay benchmarks/results/exit_stats_caption_quickstart_test.json
 """
 import argparse
 import csv
@@ -45,6 +57,7 @@ from fairseq.data import Dictionary
 from fairseq.models import ARCH_CONFIG_REGISTRY
 
 import mue_fairseq  # noqa: F401  (registers the models)
+from mue_fairseq.exits.replay import DEPTH_MAPPINGS, ExitReplay
 from mue_fairseq.generation.sequence_generator import OFASequenceGenerator
 from mue_fairseq.metrics.exit_stats import ExitStatistics
 from mue_fairseq.metrics.flops import num_image_patches
@@ -57,11 +70,16 @@ logger = logging.getLogger("bench_exit_speed")
 OFA_VOCAB_SIZE = 59457
 BOS, EOS = 0, 2
 CONFIGS = ("ofa", "mue_full", "mue_exit")
+REPLAY_CONFIGS = ("mue_full", "mue_exit")  # mue_exit: the replayed exits
 PARTS = ("encoder", "decoder", "total")
 CLOCKS = ("wall", "cpu")
 SECTION_BEGIN = "<!-- bench_exit_speed:begin -->"
 SECTION_END = "<!-- bench_exit_speed:end -->"
 SECTION_HEADING = "## Early-exit speed: measured vs FLOP model (`benchmarks/bench_exit_speed.py`)"
+REPLAY_SECTION_BEGIN = "<!-- bench_exit_speed_replay:begin -->"
+REPLAY_SECTION_END = "<!-- bench_exit_speed_replay:end -->"
+REPLAY_SECTION_HEADING = ("## Early-exit speed at OFA-Base shape, replaying recorded exits "
+                          "(`benchmarks/bench_exit_speed.py --replay`)")
 TARGETS = {1: 0.9}  # measured/ideal total speed-up at batch 1; larger batches: DEFAULT_TARGET
 DEFAULT_TARGET = 0.8
 OVERHEAD_TARGET = 0.03
@@ -215,13 +233,10 @@ def bench_batch(args, batch: int, models, generators) -> dict:
 
     median = {clock: {c: {p: statistics.median(times[clock][c][p]) for p in PARTS} for c in CONFIGS}
               for clock in CLOCKS}
-    speedup = {clock: {} for clock in CLOCKS}
+    speedup = speedups(median, flops)
     overhead = {clock: {} for clock in CLOCKS}
     for clock in CLOCKS:
         for part in PARTS:
-            measured = median[clock]["mue_full"][part] / median[clock]["mue_exit"][part]
-            ideal = flops["mue_full"][part] / flops["mue_exit"][part]
-            speedup[clock][part] = {"measured": measured, "ideal": ideal, "ratio": measured / ideal}
             overhead[clock][part] = {"measured": median[clock]["mue_full"][part] / median[clock]["ofa"][part] - 1,
                                      "flops": flops["mue_full"][part] / flops["ofa"][part] - 1}
     return {
@@ -234,6 +249,97 @@ def bench_batch(args, batch: int, models, generators) -> dict:
         "mean_exit_layers": exits,
         "speedup": speedup,
         "overhead": overhead,
+        "target_ratio": TARGETS.get(batch, DEFAULT_TARGET),
+    }
+
+
+def speedups(median: dict, flops: dict) -> dict:
+    """{clock: {part: measured, ideal and their ratio}} of `mue_exit` over `mue_full`."""
+    out = {clock: {} for clock in CLOCKS}
+    for clock in CLOCKS:
+        for part in PARTS:
+            measured = median[clock]["mue_full"][part] / median[clock]["mue_exit"][part]
+            ideal = flops["mue_full"][part] / flops["mue_exit"][part]
+            out[clock][part] = {"measured": measured, "ideal": ideal, "ratio": measured / ideal}
+    return out
+
+
+def set_config(args, model, config: str, replay: ExitReplay) -> None:
+    if config == "mue_exit":
+        model.set_exit_replay(replay, mue_kv_policy=args.kv_policy)
+    else:
+        model.set_exit_options(**exit_options(args, config))
+
+
+def check_replayed(replay: ExitReplay, batch: int, hypos_per_generation: List[list], steps: int) -> None:
+    """The exits the generator recorded are the replayed ones, row by row and token by token."""
+    for generation, hypos in enumerate(hypos_per_generation):
+        for row, sample_hypos in enumerate(hypos):
+            position = generation * batch + row
+            image, text, decoder = replay.targets(position, steps)
+            best = sample_hypos[0]
+            taken = (best["encoder_exit_layers"].tolist(), best["exit_layers"].tolist())
+            if taken != ([image, text], decoder):
+                raise RuntimeError(f"replay of recorded sample {replay.sample_index(position)} took image/text "
+                                   f"{taken[0]}, decoder {taken[1]}; expected {[image, text]}, {decoder}")
+
+
+def bench_replay_batch(args, batch: int, model, generator: "TimedGenerator", replay: ExitReplay) -> dict:
+    """Time full depth against the replayed exits at one batch size (see the module doc)."""
+    generations = args.replay_batch1_samples if batch == 1 else 1
+    samples = [make_sample(batch, args.src_len, args.image_size, args.device, args.dtype, seed=1000 * batch + g)
+               for g in range(generations)]
+    repeats = args.repeats if batch == 1 else args.repeats_batched
+    warmup = args.warmup if batch == 1 else args.warmup_batched
+    times = {clock: {c: {p: [] for p in PARTS} for c in REPLAY_CONFIGS} for clock in CLOCKS}
+    last_hypos = {}
+    for round_idx in range(warmup + repeats):
+        order = REPLAY_CONFIGS if round_idx % 2 == 0 else REPLAY_CONFIGS[::-1]
+        for config in order:
+            set_config(args, model, config, replay)
+            replay.rewind()
+            totals = {clock: dict.fromkeys(PARTS, 0.0) for clock in CLOCKS}
+            last_hypos[config] = []
+            for sample in samples:
+                measured, hypos = generator.run(sample)
+                last_hypos[config].append(hypos)
+                for clock in CLOCKS:
+                    for part in PARTS:
+                        totals[clock][part] += measured[clock][part]
+            if round_idx >= warmup:
+                for clock in CLOCKS:
+                    for part in PARTS:
+                        times[clock][config][part].append(totals[clock][part])
+        logger.info("replay batch %d round %d/%d done", batch, round_idx + 1, warmup + repeats)
+
+    for config in REPLAY_CONFIGS:
+        lengths = {len(h[0]["tokens"]) for hypos in last_hypos[config] for h in hypos}
+        if lengths != {args.length + 1}:
+            raise RuntimeError(f"{config}: generated lengths {lengths}, expected {args.length + 1} for every sample")
+    check_replayed(replay, batch, last_hypos["mue_exit"], args.length + 1)
+    flops, exits = {}, {}
+    for config in REPLAY_CONFIGS:
+        set_config(args, model, config, replay)
+        stats = ExitStatistics.for_model(model, image_size=args.image_size, beam=args.beam)
+        for sample, hypos in zip(samples, last_hypos[config]):
+            stats.add_generated(sample, hypos)
+        flops[config] = part_flops(stats)["executed"]
+        exits[config] = stats.mean_exit_layers()
+    median = {clock: {c: {p: statistics.median(times[clock][c][p]) for p in PARTS} for c in REPLAY_CONFIGS}
+              for clock in CLOCKS}
+    rows = generations * batch
+    return {
+        "batch_size": batch,
+        "generations": generations,
+        "rows": rows,  # samples per timed round; per-sample figures divide by this
+        "replayed_samples": sorted({replay.sample_index(p) for p in range(rows)}),
+        "repeats": repeats,
+        "warmup": warmup,
+        "seconds": times,
+        "median_seconds": median,
+        "gflops_per_sample": {c: {p: v / 1e9 for p, v in flops[c].items()} for c in REPLAY_CONFIGS},
+        "mean_exit_layers": exits,
+        "speedup": speedups(median, flops),
         "target_ratio": TARGETS.get(batch, DEFAULT_TARGET),
     }
 
@@ -403,6 +509,70 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
+def markdown_replay(result: dict) -> str:
+    """The generated part of the replay section: says plainly that the exits are replayed."""
+    setting, env, replay = result["setting"], result["environment"], result["replay"]
+    cpu = env["device"] == "cpu"
+    recorded = replay["recorded_mean_exit_layers"]
+    lines = [
+        f"Command: `{result['command']}`",
+        "",
+        f"**Replay, not the model's own decisions.** Exit layers recorded by an evaluation of a trained model "
+        f"(`{replay['path']}`: {replay['num_samples']} samples, {replay['recorded_depth'][0]}+"
+        f"{replay['recorded_depth'][1]} layers, mean exits image {recorded['image']:.2f}, text "
+        f"{recorded['text']:.2f}, decoder {recorded['decoder']:.2f} over {replay['mean_tokens']:.1f} tokens per "
+        f"sample; depth mapping `{replay['mapping']}`), replayed per sample (image and text streams) and per "
+        f"token (decoder; tokens past a recorded caption's end cycle over its tokens) on an OFA-Base-shaped model "
+        f"with random weights through the `replay` exit policy, i.e. the code paths of real exits (rows leave the "
+        f"batch, kv `{setting['kv_policy']}` fills the skipped layers' caches). Model: d=768, FFN 3072, 12 heads, "
+        f"6+6 layers, {setting['resnet_type']}, {setting['image_size']} px ({setting['num_patches']} patches), "
+        f"vocabulary {OFA_VOCAB_SIZE:,}, {setting['src_len']} source tokens, beam {setting['beam']}, "
+        f"{setting['length']} tokens + eos per sample. {env['device']} {env['dtype']}, {env['threads']} threads, "
+        f"torch {env['torch']}, {env['date']}; load average before/after the run "
+        f"{env.get('load_average_1min', float('nan')):.1f}/{result['load_average_after']:.1f} on "
+        f"{env['cpu_count']} cores. Medians of "
+        + ", ".join(f"{b['repeats']} rounds after {b['warmup']} warm-up round(s) at batch {b['batch_size']} "
+                    f"({b['generations']} generation(s), recorded samples {b['replayed_samples'][0]}-"
+                    f"{b['replayed_samples'][-1]}, per round)" for b in result["batches"])
+        + "; full depth and replay alternate within each round.",
+        "",
+        "Full depth (`mue_full`, every threshold 1) against the replayed exits on the same inputs. Ideal = "
+        "FLOP-model speed-up (`mue_fairseq.metrics.flops`) of the exits the replay took (checked equal to the "
+        f"recorded ones). Targets (total): measured >= {TARGETS[1]} x ideal at batch 1, >= {DEFAULT_TARGET} x "
+        "ideal at larger batches."
+        + (" CPU time = this process's CPU seconds, steadier than wall-clock on a shared machine." if cpu else ""),
+        "",
+        "| batch | part | full ms/sample | replay ms/sample | speed-up | ideal (FLOPs) | speed-up / ideal |"
+        + (" CPU-time speed-up | CPU-time / ideal |" if cpu else ""),
+        "|---:|---|---:|---:|---:|---:|---:|" + ("---:|---:|" if cpu else ""),
+    ]
+    for b in result["batches"]:
+        n, rows, target = b["batch_size"], b["rows"], b["target_ratio"]
+        for part in PARTS:
+            wall, cpu_time = b["speedup"]["wall"][part], b["speedup"]["cpu"][part]
+            mark = _target_mark(wall["ratio"], target) if part == "total" else ""
+            row = (
+                f"| {n} | {part} | {1000 * b['median_seconds']['wall']['mue_full'][part] / rows:.1f} | "
+                f"{1000 * b['median_seconds']['wall']['mue_exit'][part] / rows:.1f} | {wall['measured']:.2f}x | "
+                f"{wall['ideal']:.2f}x | {wall['ratio']:.2f}{mark} |"
+            )
+            if cpu:
+                mark = _target_mark(cpu_time["ratio"], target) if part == "total" else ""
+                row += f" {cpu_time['measured']:.2f}x | {cpu_time['ratio']:.2f}{mark} |"
+            lines.append(row)
+    lines += [""]
+    for b in result["batches"]:
+        taken = b["mean_exit_layers"]["mue_exit"]
+        g = b["gflops_per_sample"]
+        lines.append(
+            f"Batch {b['batch_size']}: replayed mean exits image {taken['image']:.2f}, text {taken['text']:.2f}, "
+            f"decoder {taken['decoder']:.2f}; GFLOPs per sample (encoder / decoder / total) full "
+            f"{g['mue_full']['encoder']:.1f} / {g['mue_full']['decoder']:.1f} / {g['mue_full']['total']:.1f}, "
+            f"replay {g['mue_exit']['encoder']:.1f} / {g['mue_exit']['decoder']:.1f} / {g['mue_exit']['total']:.1f}.")
+    lines += ["", f"Raw timings: `{result['json_path']}` (and `.csv`)."]
+    return "\n".join(lines)
+
+
 def summarize(paths: List[str]) -> str:
     """A compact table (wall-clock, totals) over several result JSONs, e.g. float16 and float32 runs."""
     lines = [
@@ -413,14 +583,16 @@ def summarize(paths: List[str]) -> str:
     for path in paths:
         result = json.loads(Path(path).read_text())
         env, setting, paired = result["environment"], result["setting"], result.get("paired_overhead")
+        label = " (replay)" if result.get("replay") else ""
         for b in result["batches"]:
-            n, s, o = b["batch_size"], b["speedup"]["wall"]["total"], b["overhead"]["wall"]
+            n, s, o = b["batch_size"], b["speedup"]["wall"]["total"], b.get("overhead", {}).get("wall")
+            rows = b.get("rows", n)
             median = b["median_seconds"]["wall"]
             lines.append(
-                f"| {env.get('gpu', env['device'])} | {env['dtype']} | {setting['image_size']} | {n} | "
-                f"{1000 * median['mue_full']['total'] / n:.2f} | {1000 * median['mue_exit']['total'] / n:.2f} | "
+                f"| {env.get('gpu', env['device'])}{label} | {env['dtype']} | {setting['image_size']} | {n} | "
+                f"{1000 * median['mue_full']['total'] / rows:.2f} | {1000 * median['mue_exit']['total'] / rows:.2f} | "
                 f"{s['measured']:.2f}x | {s['ideal']:.2f}x | {s['ratio']:.2f} | "
-                + " / ".join(f"{o[p]['measured']:+.1%}" for p in PARTS) + " | "
+                + (" / ".join(f"{o[p]['measured']:+.1%}" for p in PARTS) if o else "-") + " | "
                 + (" / ".join(f"{paired[p]['median_pair_overhead']:+.1%}" for p in ("encoder", "decoder"))
                    if paired else "-") + " |"
             )
@@ -435,15 +607,15 @@ def write_csv(path: Path, result: dict) -> None:
                          "gflops_per_sample", "speedup_measured", "speedup_ideal", "speedup_ratio",
                          "overhead_vs_ofa"])
         for b in result["batches"]:
-            n = b["batch_size"]
-            for config in CONFIGS:
+            n, rows = b["batch_size"], b.get("rows", b["batch_size"])
+            for config in b["median_seconds"]["wall"]:
                 for clock in CLOCKS:
                     for part in PARTS:
                         sec = b["median_seconds"][clock][config][part]
                         s = b["speedup"][clock][part] if config == "mue_exit" else None
-                        o = b["overhead"][clock][part]["measured"] if config == "mue_full" else None
+                        o = b["overhead"][clock][part]["measured"] if config == "mue_full" and "overhead" in b else None
                         speedup = [f"{s[k]:.4f}" for k in ("measured", "ideal", "ratio")] if s else ["", "", ""]
-                        writer.writerow([n, config, clock, part, f"{sec:.6f}", f"{1000 * sec / n:.3f}",
+                        writer.writerow([n, config, clock, part, f"{sec:.6f}", f"{1000 * sec / rows:.3f}",
                                          f"{b['gflops_per_sample'][config][part]:.4f}", *speedup,
                                          "" if o is None else f"{o:.4f}"])
 
@@ -474,6 +646,15 @@ def parse_args(argv: Optional[List[str]] = None):
     p.add_argument("--overhead-repeats", type=int, default=8,
                    help="pairs of OFA/MuE encoder-only and decoder-only runs at batch 1 for a precise "
                    "overhead figure (0: skip)")
+    p.add_argument("--replay", metavar="EXIT_STATS_JSON", default=None,
+                   help="time a replay of the exits recorded in this exit statistics file (an evaluation's "
+                   "{subset}_exit_stats.json) against full depth, instead of forced uniform exits")
+    p.add_argument("--replay-mapping", default="proportional", choices=DEPTH_MAPPINGS,
+                   help="how recorded exit layers map to this model's 6+6 layers when the recording's depth "
+                   "differs: proportional (round(layers * 6 / recorded depth), halves up) or equal (depths must match)")
+    p.add_argument("--replay-batch1-samples", type=int, default=4,
+                   help="replay: generations per round at batch 1 (recorded samples 0..n-1); larger batches "
+                   "run one batch of recorded samples 0..b-1 per round")
     p.add_argument("--out-dir", default="benchmarks/results")
     p.add_argument("--tag", default="", help="suffix of the result file names")
     p.add_argument("--markdown", default=None, help="BENCHMARKS.md to update with the result tables")
@@ -505,17 +686,36 @@ def main(argv: Optional[List[str]] = None) -> dict:
     mue.to(device=args.device, dtype=args.dtype)
     logger.info("built models in %.1f s", time.perf_counter() - start)
     models = {"ofa": ofa, "mue": mue}
+    replay_info = None
+    if args.replay:
+        del models["ofa"]  # a replay compares MuE's full depth with the replayed exits only
+        replay = ExitReplay.read_json(args.replay, mue.args.encoder_layers, mue.args.decoder_layers,
+                                      args.replay_mapping)
+        recorded = ExitStatistics.read_json(args.replay)
+        replay_info = {
+            "path": args.replay,
+            "num_samples": len(recorded),
+            "recorded_depth": [recorded.encoder_layers, recorded.decoder_layers],
+            "mapping": args.replay_mapping,
+            "recorded_mean_exit_layers": recorded.mean_exit_layers(),
+            "mean_tokens": sum(len(s.decoder_layers) for s in recorded.samples) / len(recorded),
+        }
     generators = {name: TimedGenerator(model, dictionary, args.device, args.beam, args.length)
                   for name, model in models.items()}
 
-    batches = [bench_batch(args, batch, models, generators) for batch in args.batch_sizes]
-    overhead = paired_overhead(args, models, args.overhead_repeats) if args.overhead_repeats else None
+    if args.replay:
+        batches = [bench_replay_batch(args, batch, mue, generators["mue"], replay) for batch in args.batch_sizes]
+        overhead = None
+    else:
+        batches = [bench_batch(args, batch, models, generators) for batch in args.batch_sizes]
+        overhead = paired_overhead(args, models, args.overhead_repeats) if args.overhead_repeats else None
     setting = {k: v for k, v in vars(args).items() if k not in ("dtype", "markdown", "out_dir", "tag")}
     setting["num_patches"] = num_image_patches(args.image_size)
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     dtype_name = env["dtype"]
-    stem = f"exit_speed_{torch.device(args.device).type}_{dtype_name}_{args.image_size}px{args.tag}"
+    stem = (f"exit_speed_{torch.device(args.device).type}_{dtype_name}_{args.image_size}px"
+            f"{'_replay' if args.replay else ''}{args.tag}")
     result = {
         "command": command.strip(),
         "setting": setting,
@@ -524,13 +724,16 @@ def main(argv: Optional[List[str]] = None) -> dict:
         "json_path": str(out_dir / f"{stem}.json"),
         "batches": batches,
         "paired_overhead": overhead,
+        "replay": replay_info,
     }
     (out_dir / f"{stem}.json").write_text(json.dumps(result, indent=1))
     write_csv(out_dir / f"{stem}.csv", result)
-    table = markdown(result)
+    table = markdown_replay(result) if args.replay else markdown(result)
     print(table)
     if args.markdown:
-        update_section(Path(args.markdown), SECTION_HEADING, SECTION_BEGIN, SECTION_END, table)
+        heading, begin, end = ((REPLAY_SECTION_HEADING, REPLAY_SECTION_BEGIN, REPLAY_SECTION_END) if args.replay
+                               else (SECTION_HEADING, SECTION_BEGIN, SECTION_END))
+        update_section(Path(args.markdown), heading, begin, end, table)
         logger.info("updated %s", args.markdown)
     return result
 

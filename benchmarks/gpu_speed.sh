@@ -10,6 +10,14 @@
 # Expected time on one H200: a few minutes (model builds dominate).
 #
 #   bash benchmarks/gpu_speed.sh   # REPEATS=20 REPEATS_BATCHED=10 WARMUP=3 OVERHEAD_REPEATS=20 by default
+#
+# REPLAY=EXIT_STATS.json adds, per dtype, a replay of recorded exits (bench_exit_speed.py --replay:
+# per-sample and per-token exit layers of a real evaluation, e.g.
+# benchmarks/results/exit_stats_caption_quickstart_test.json) against full depth at the same shape,
+# batch sizes REPLAY_BATCH_SIZES (default "1 16"), REPLAY_BATCH1_SAMPLES generations per round at
+# batch 1 (default 8); results exit_speed_cuda_<dtype>_480px_replay_gpu.{json,csv}, in the summary
+# marked "(replay)". REPLAY_ONLY=1 skips the forced-exit runs. (Written without a GPU at hand:
+# the replay path is tested on the CPU only.)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python}
@@ -18,6 +26,18 @@ REPEATS=${REPEATS:-20}
 REPEATS_BATCHED=${REPEATS_BATCHED:-10}
 WARMUP=${WARMUP:-3}
 OVERHEAD_REPEATS=${OVERHEAD_REPEATS:-20}
+REPLAY=${REPLAY:-}
+REPLAY_ONLY=${REPLAY_ONLY:-0}
+REPLAY_BATCH_SIZES=${REPLAY_BATCH_SIZES:-1 16}
+REPLAY_BATCH1_SAMPLES=${REPLAY_BATCH1_SAMPLES:-8}
+if [ -n "$REPLAY" ] && [ ! -f "$REPLAY" ]; then
+    echo "gpu_speed.sh: REPLAY=$REPLAY: no such file" >&2
+    exit 1
+fi
+if [ "$REPLAY_ONLY" = "1" ] && [ -z "$REPLAY" ]; then
+    echo "gpu_speed.sh: REPLAY_ONLY=1 needs REPLAY=EXIT_STATS.json" >&2
+    exit 1
+fi
 
 "$PYTHON" - <<'PY'
 import sys
@@ -33,10 +53,20 @@ PY
 mkdir -p "$OUT_DIR"
 files=()
 for dtype in float16 float32; do
-    "$PYTHON" benchmarks/bench_exit_speed.py --device cuda --dtype "$dtype" --image-size 480 \
-        --batch-sizes 1 32 --beam 1 --length 16 --warmup "$WARMUP" --warmup-batched "$WARMUP" --repeats "$REPEATS" \
-        --repeats-batched "$REPEATS_BATCHED" --overhead-repeats "$OVERHEAD_REPEATS" --out-dir "$OUT_DIR" --tag _gpu
-    files+=("$OUT_DIR/exit_speed_cuda_${dtype}_480px_gpu.json")
+    if [ "$REPLAY_ONLY" != "1" ]; then
+        "$PYTHON" benchmarks/bench_exit_speed.py --device cuda --dtype "$dtype" --image-size 480 \
+            --batch-sizes 1 32 --beam 1 --length 16 --warmup "$WARMUP" --warmup-batched "$WARMUP" --repeats "$REPEATS" \
+            --repeats-batched "$REPEATS_BATCHED" --overhead-repeats "$OVERHEAD_REPEATS" --out-dir "$OUT_DIR" --tag _gpu
+        files+=("$OUT_DIR/exit_speed_cuda_${dtype}_480px_gpu.json")
+    fi
+    if [ -n "$REPLAY" ]; then
+        # shellcheck disable=SC2086  # REPLAY_BATCH_SIZES is a list of numbers
+        "$PYTHON" benchmarks/bench_exit_speed.py --device cuda --dtype "$dtype" --image-size 480 \
+            --batch-sizes $REPLAY_BATCH_SIZES --beam 1 --length 16 --warmup "$WARMUP" --warmup-batched "$WARMUP" \
+            --repeats "$REPEATS" --repeats-batched "$REPEATS_BATCHED" --replay "$REPLAY" \
+            --replay-batch1-samples "$REPLAY_BATCH1_SAMPLES" --out-dir "$OUT_DIR" --tag _gpu
+        files+=("$OUT_DIR/exit_speed_cuda_${dtype}_480px_replay_gpu.json")
+    fi
 done
 
 echo

@@ -1,2 +1,2 @@
-"""Exit options, similarity measures, threshold schedules and exit decisions."""
+"""Exit options, similarity measures, threshold schedules, exit decisions and replays of recorded exits."""
 from .config import MuEConfig, mue_overrides  # noqa: F401

@@ -8,7 +8,7 @@ import torch
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 
 ENCODER_MODES = ChoiceEnum(["decomposed", "joint"])
-EXIT_POLICIES = ChoiceEnum(["similarity", "static", "entropy", "patience", "confidence"])
+EXIT_POLICIES = ChoiceEnum(["similarity", "static", "entropy", "patience", "confidence", "replay"])
 KV_POLICIES = ChoiceEnum(["propagate", "copy", "recompute", "none"])
 PRESETS = ChoiceEnum(["none", "authors"])
 
@@ -40,7 +40,9 @@ class MuEConfig(FairseqDataclass):
         metadata={"help": "similarity: MuE's cosine similarity between consecutive layers; static: "
                   "fixed depths (--mue-static-*-layers); entropy (DeeBERT), patience (PABEE) and "
                   "confidence (CALM) decide decoder exits from each layer's prediction, with the "
-                  "encoder at static depth"},
+                  "encoder at static depth; replay: the exit layers an evaluation recorded (its exit "
+                  "statistics, attached with MuEOFAModel.set_exit_replay, as benchmarks/"
+                  "bench_exit_speed.py --replay does)"},
     )
     mue_image_threshold: float = field(
         default=1.0, metadata={"help": "image stream stops after layer i when cos(h_i, h_{i-1}) >= this; 1 disables"}
@@ -168,6 +170,8 @@ class MuEConfig(FairseqDataclass):
     def encoder_exits_enabled(self) -> bool:
         if self.policy == "similarity":
             return self.mue_image_threshold < 1 or self.mue_text_threshold < 1
+        if self.policy == "replay":
+            return True
         return self.mue_static_image_layers > 0 or self.mue_static_text_layers > 0
 
     def decoder_exits_enabled(self) -> bool:
@@ -179,6 +183,7 @@ class MuEConfig(FairseqDataclass):
             "entropy": self.mue_entropy_threshold > 0,
             "confidence": self.mue_confidence_threshold < 1,
             "patience": self.mue_patience > 0,
+            "replay": True,
         }[self.policy]
 
     def full_depth_steps(self, num_steps: int) -> int:
@@ -202,6 +207,7 @@ POLICY_OPTIONS = {
     "entropy": ("mue_static_image_layers", "mue_static_text_layers", "mue_entropy_threshold"),
     "patience": ("mue_static_image_layers", "mue_static_text_layers", "mue_patience"),
     "confidence": ("mue_static_image_layers", "mue_static_text_layers", "mue_confidence_threshold"),
+    "replay": (),
 }
 
 

@@ -2,7 +2,8 @@
 
 MuE decides from the similarity of consecutive layer states; the baselines of the paper's
 comparison decide from fixed depths (static), or from each layer's own prediction through the
-shared output head: entropy (DeeBERT), softmax confidence (CALM) and patience (PABEE).
+shared output head: entropy (DeeBERT), softmax confidence (CALM) and patience (PABEE). The
+replay policy looks the decisions up in recorded exit statistics (`replay.ExitReplay`).
 """
 from typing import Callable, Optional
 
@@ -10,6 +11,7 @@ import torch
 from torch import Tensor
 
 from .config import MuEConfig
+from .replay import ExitReplay
 from .schedule import decoder_threshold
 from .similarity import batch_cosine, stream_cosine
 
@@ -17,10 +19,12 @@ from .similarity import batch_cosine, stream_cosine
 class StreamExitDecider:
     """Decides, after each encoder layer, which samples of one stream (image or text) stop."""
 
-    def __init__(self, cfg: MuEConfig, threshold: float, static_layers: int, num_layers: int):
+    def __init__(self, cfg: MuEConfig, threshold: float, static_layers: int, num_layers: int,
+                 replay_layers: Optional[Tensor] = None):
         self.num_layers = num_layers
         self.batch_joint = cfg.mue_batch_joint_exit
         self.passes = cfg.similarity_passes
+        self.replay_layers = replay_layers  # replay: layers to run per sample of the batch (B,)
         if cfg.policy == "similarity":
             self.threshold = threshold if threshold < 1 else None
             self.static_layers = 0
@@ -30,11 +34,15 @@ class StreamExitDecider:
 
     @property
     def enabled(self) -> bool:
-        return self.threshold is not None or self.static_layers > 0
+        return self.threshold is not None or self.static_layers > 0 or self.replay_layers is not None
 
-    def __call__(self, layer_idx: int, new: Tensor, old: Tensor, padding: Optional[Tensor]) -> Tensor:
-        """Bool (B,) over the samples of `new` (T x B x C): stop after layer `layer_idx` (0-based)."""
+    def __call__(self, layer_idx: int, new: Tensor, old: Tensor, padding: Optional[Tensor],
+                 rows: Optional[Tensor] = None) -> Tensor:
+        """Bool over the samples of `new` (T x A x C): stop after layer `layer_idx` (0-based).
+        `rows` (A,): which of the batch's samples they are (the replay needs it)."""
         batch = new.size(1)
+        if self.replay_layers is not None:
+            return self.replay_layers[rows] <= layer_idx + 1
         if self.static_layers:
             return torch.full((batch,), layer_idx + 1 >= self.static_layers, dtype=torch.bool, device=new.device)
         if self.batch_joint:
@@ -49,10 +57,13 @@ class TokenExitDecider:
     projection; only the prediction-based policies call it (it is what makes them costly).
     """
 
-    def __init__(self, cfg: MuEConfig, num_layers: int, predict: Callable[[Tensor], Tensor]):
+    def __init__(self, cfg: MuEConfig, num_layers: int, predict: Callable[[Tensor], Tensor],
+                 replay: Optional[ExitReplay] = None):
         self.cfg = cfg
         self.num_layers = num_layers
         self.predict = predict
+        self.replay = replay
+        self._replay_layers: Optional[Tensor] = None
         self.passes = cfg.similarity_passes  # >= or >, fixed for the model's options
         self.threshold: Optional[float] = None
         self._previous_argmax: Optional[Tensor] = None
@@ -61,6 +72,9 @@ class TokenExitDecider:
     def begin_step(self, num_rows: int, step: int, num_steps: int, device) -> bool:
         """Prepare the decisions of decoding step `step`; False when no row may exit at this step."""
         cfg = self.cfg
+        if cfg.policy == "replay":  # the recorded layers already hold any full-depth steps
+            self._replay_layers = self.replay.decoder_layers_at(step, num_rows, device)
+            return True
         if not cfg.decoder_exits_enabled() or step < cfg.full_depth_steps(num_steps):
             return False
         if cfg.policy == "similarity":
@@ -79,6 +93,8 @@ class TokenExitDecider:
     def __call__(self, layer_idx: int, new: Tensor, old: Tensor, rows: Tensor) -> Tensor:
         """Bool (A,) for the rows `rows` whose states after layer `layer_idx` are `new` (A x C)."""
         policy = self.cfg.policy
+        if policy == "replay":
+            return self._replay_layers[rows] <= layer_idx + 1
         if policy == "static":
             return torch.full((new.size(0),), layer_idx + 1 >= self.cfg.mue_static_decoder_layers,
                               dtype=torch.bool, device=new.device)

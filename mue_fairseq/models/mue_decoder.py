@@ -27,10 +27,13 @@ from torch import Tensor
 
 from mue_fairseq.exits.config import MuEConfig
 from mue_fairseq.exits.policies import TokenExitDecider
+from mue_fairseq.exits.replay import ExitReplay
 from mue_fairseq.exits.similarity import group_cosine
 from mue_fairseq.ofa.attention import IncrementalState
 from mue_fairseq.ofa.decoder import OFADecoder
 from mue_fairseq.ofa.encoder import EncoderOut
+
+from .mue_encoder import replay_of
 
 
 class MuEDecoder(OFADecoder):
@@ -43,6 +46,7 @@ class MuEDecoder(OFADecoder):
         # propagate: project the keys/values of layers that no row runs only when a row next
         # runs them. Off gives the same caches step by step (for tests and A/B timing).
         self.defer_skipped_kv = True
+        self.exit_replay: Optional[ExitReplay] = None  # the replay policy's recorded exits
 
     # ----------------------------------------------------------------- public hooks
     def begin_decoding(self, num_steps: int) -> None:
@@ -139,7 +143,8 @@ class MuEDecoder(OFADecoder):
         """One incremental step with per-row exits; returns ((R x 1 x C) features, extra)."""
         step = _Step(self, tokens, encoder_out, incremental_state)
         x = self.embed_target(tokens[:, -1:], step.raw_positions[-1:]).transpose(0, 1)  # 1 x R x C
-        decider = TokenExitDecider(self.mue, self.num_layers, self.predict)
+        replay = replay_of(self) if self.mue.policy == "replay" else None
+        decider = TokenExitDecider(self.mue, self.num_layers, self.predict, replay)
         may_exit = decider.begin_step(step.rows_total, step.index, self.num_decoding_steps, tokens.device)
         rows = _StepRows(x, self.num_layers)
         recompute = self.mue.kv_policy == "recompute"
@@ -335,6 +340,8 @@ class MuEDecoder(OFADecoder):
         judged (over `exit_vocabulary` when given); a group stops when all its rows pass.
         """
         cfg = self.mue
+        if cfg.policy == "replay":
+            raise NotImplementedError("--mue-exit-policy replay replays incremental decoding (generation) only")
         rows_total, tgt_len = tokens.shape
         device = tokens.device
         groups = exit_groups if exit_groups is not None else torch.arange(rows_total, device=device)

@@ -14,6 +14,7 @@ from torch import Tensor
 
 from mue_fairseq.exits.config import MuEConfig
 from mue_fairseq.exits.policies import StreamExitDecider
+from mue_fairseq.exits.replay import ExitReplay
 from mue_fairseq.ofa.encoder import EncoderOut, OFAEncoder
 
 
@@ -21,19 +22,21 @@ class MuEEncoder(OFAEncoder):
     def __init__(self, args, dictionary, embed_tokens, mue: MuEConfig):
         super().__init__(args, dictionary, embed_tokens)
         self.mue = mue
+        self.exit_replay: Optional[ExitReplay] = None  # the replay policy's recorded exits
 
     def run_stream(
         self,
         x: Tensor,
         padding: Tensor,
         layer_bias: Callable[[int], Tensor],
-        decide: Optional[Callable[[int, Tensor, Tensor, Optional[Tensor]], Tensor]],
+        decide: Optional[Callable[[int, Tensor, Tensor, Optional[Tensor], Tensor], Tensor]],
         active: Optional[Tensor] = None,
         states: Optional[List[Tensor]] = None,
     ) -> Tuple[Tensor, Tensor]:
         """Run the layers over a stream x (T x B x C) until each sample stops.
 
-        layer_bias(i): (1 x H x T x T) bias of layer i; decide: exit test or None (full depth);
+        layer_bias(i): (1 x H x T x T) bias of layer i; decide: exit test or None (full depth), given
+        the states after and before the layer, their padding and which samples they are;
         active: samples that enter the stream at all (the others keep x and exit layer 0);
         states: if a list, receives the stream after each layer (stopped samples frozen).
         Returns (output T x B x C, layers run per sample (B,)).
@@ -56,7 +59,7 @@ class MuEEncoder(OFAEncoder):
                 snapshot = (x if out is None else out).clone()
                 snapshot[:, rows] = new
                 states.append(snapshot)
-            done = decide(idx, new, h, pad) if decide is not None and idx < self.num_layers - 1 else None
+            done = decide(idx, new, h, pad, rows) if decide is not None and idx < self.num_layers - 1 else None
             if done is None or not bool(done.any()):
                 h = new
                 continue
@@ -129,8 +132,13 @@ class MuEEncoder(OFAEncoder):
         cfg = self.mue
         image_decide = text_decide = None
         if exits:
-            image_decide = StreamExitDecider(cfg, cfg.mue_image_threshold, cfg.mue_static_image_layers, self.num_layers)
-            text_decide = StreamExitDecider(cfg, cfg.mue_text_threshold, cfg.mue_static_text_layers, self.num_layers)
+            image_replay = text_replay = None
+            if cfg.policy == "replay":
+                image_replay, text_replay = replay_of(self).start_batch(src_tokens.size(0), src_tokens.device)
+            image_decide = StreamExitDecider(cfg, cfg.mue_image_threshold, cfg.mue_static_image_layers, self.num_layers,
+                                             image_replay)
+            text_decide = StreamExitDecider(cfg, cfg.mue_text_threshold, cfg.mue_static_text_layers, self.num_layers,
+                                            text_replay)
             image_decide = image_decide if image_decide.enabled else None
             text_decide = text_decide if text_decide.enabled else None
 
@@ -159,3 +167,11 @@ class MuEEncoder(OFAEncoder):
             "exit_layers": [torch.stack([image_layers, text_layers], dim=1)],
         }
 
+
+
+def replay_of(module) -> ExitReplay:
+    """The recorded exits a MuE encoder or decoder replays; a clear error where none is attached."""
+    if module.exit_replay is None:
+        raise RuntimeError("--mue-exit-policy replay needs recorded exits: attach them with "
+                           "MuEOFAModel.set_exit_replay (benchmarks/bench_exit_speed.py --replay does)")
+    return module.exit_replay

@@ -5,11 +5,13 @@ checkpoint records, so `--model-overrides "{'_name': 'mue_ofa', 'arch': 'mue_ofa
 (see `mue_fairseq.exits.config.mue_overrides`) turns any OFA checkpoint into a MuE model.
 """
 from dataclasses import fields
+from typing import Optional
 
 from fairseq.dataclass.utils import gen_parser_from_dataclass
 from fairseq.models import register_model, register_model_architecture
 
 from mue_fairseq.exits.config import MuEConfig
+from mue_fairseq.exits.replay import ExitReplay
 from mue_fairseq.ofa.checkpoint import OFA_ARCHITECTURES
 from mue_fairseq.ofa.model import (
     OFAModel,
@@ -65,6 +67,19 @@ class MuEOFAModel(OFAModel):
             setattr(self.mue, f.name, getattr(updated, f.name))
             setattr(self.args, f.name, getattr(updated, f.name))
         return self.mue
+
+    def set_exit_replay(self, replay: Optional[ExitReplay], **options) -> MuEConfig:
+        """Make every row stop where `replay` (recorded exits) says: the `replay` exit policy,
+        plus any other exit `options` (e.g. mue_kv_policy). None detaches it; the policy then needs
+        setting to another one."""
+        depth = (self.args.encoder_layers, self.args.decoder_layers)
+        if replay is not None and (replay.encoder_layers, replay.decoder_layers) != depth:
+            raise ValueError(f"{replay.source or 'exit replay'}: replay is mapped to "
+                             f"{replay.encoder_layers}+{replay.decoder_layers} layers, the model has {depth[0]}+{depth[1]}")
+        self.encoder.exit_replay = self.decoder.exit_replay = replay
+        if replay is None:
+            return self.set_exit_options(**options)
+        return self.set_exit_options(mue_exit_policy="replay", **options)
 
 
 # The OFA architecture whose defaults each MuE architecture applies.
