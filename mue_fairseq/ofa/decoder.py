@@ -189,7 +189,11 @@ class OFADecoder(PositionBiasMixin, FairseqIncrementalDecoder):
         return x.transpose(0, 1), {"attn": [attn], "inner_states": inner_states}
 
     def output_layer(self, features: Tensor) -> Tensor:
-        return self.output_projection(features)
+        # As a 2-D product. A decoding step's [rows, 1, C] features come from a transpose, and for
+        # such a 3-D input torch's matmul broadcasts the weight into a batched product when the
+        # weight needs no gradient (OFA's --freeze-*-embedding): 5-10x slower, other roundings.
+        flat = self.output_projection(features.reshape(-1, features.size(-1)))
+        return flat.view(*features.shape[:-1], flat.size(-1))
 
     def max_positions(self) -> int:
         return self.max_target_positions
