@@ -13,8 +13,8 @@
 # The first argument is the split (val or test). Thresholds: img_thres / txt_thres / decoder_thres,
 # or those of a sweep's calibration JSON (calibration=...); 1 disables a stream's exits. Nobody has
 # published MuE thresholds for VQA: the defaults (1) evaluate at full depth; calibrate them with
-# sweep_vqa_mue.sh. MuE timed with batch_size=1 on one GPU. OFA's --ema-eval is not supported: pass
-# a checkpoint whose model weights are the ones to evaluate.
+# sweep_vqa_mue.sh. MuE timed with batch_size=1 on one GPU. ema_eval=1 evaluates the EMA weights the
+# checkpoint stores (trained with --store-ema, as train_vqa_mue.sh does), as OFA's scripts do with --ema-eval.
 # Every variable below can be set from the environment. DRY_RUN=1 prints the command instead.
 # mue_args: more evaluate options (e.g. "--mue-kv-policy copy").
 set -euo pipefail
@@ -62,6 +62,10 @@ import json, sys
 t = json.load(open(sys.argv[1]))["thresholds"]
 print(t["mue_image_threshold"], t["mue_text_threshold"], t["mue_decoder_threshold"])' "${calibration}")
 fi
+ema_args=()
+if [ "${ema_eval:-0}" = "1" ]; then
+  ema_args=(--ema-eval)
+fi
 split_words extra "${mue_args:-}"
 
 run "${PYTHON}" -m mue_fairseq.cli.evaluate \
@@ -75,6 +79,7 @@ run "${PYTHON}" -m mue_fairseq.cli.evaluate \
     --gen-subset="${split}" \
     --results-path="${result_path}" \
     ${inference_args[@]+"${inference_args[@]}"} \
+    ${ema_args[@]+"${ema_args[@]}"} \
     ${eval_fp16_args[@]+"${eval_fp16_args[@]}"} \
     ${device_args[@]+"${device_args[@]}"} \
     --num-workers=0 \
