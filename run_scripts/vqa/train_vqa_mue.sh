@@ -61,6 +61,8 @@ add_object=${add_object:-1}
 # allcand (OFA's default: every candidate scored) or beamsearch (faster, about 0.5 lower)
 val_inference_type=${val_inference_type:-allcand}
 unconstrained_training=${unconstrained_training:-0}
+# OFA fine-tunes VQA with its pre-trained embeddings frozen; 0 trains them (a model from scratch)
+freeze_embeddings=${freeze_embeddings:-1}
 
 # fairseq's polynomial_decay has no --warmup-ratio (OFA's fork has): both counts come from the data.
 total_num_update=${total_num_update:-$(train_updates "${data}" "${batch_size}" "${update_freq}" "${max_epoch}")}
@@ -82,6 +84,10 @@ fi
 answer_args=(--ans2label-file="${ans2label_file}")
 if [ "${unconstrained_training}" = "1" ]; then
   answer_args=(--unconstrained-training)
+fi
+freeze_args=()
+if [ "${freeze_embeddings}" = "1" ]; then
+  freeze_args=(--freeze-encoder-embedding --freeze-decoder-embedding)
 fi
 object_args=()
 if [ "${add_object}" = "1" ]; then
@@ -131,8 +137,7 @@ run_logged "${log_file}" ${launch_env[@]+"${launch_env[@]}"} \
     --max-object-length="${max_object_length}" \
     --max-tgt-length="${max_tgt_length}" \
     --find-unused-parameters \
-    --freeze-encoder-embedding \
-    --freeze-decoder-embedding \
+    ${freeze_args[@]+"${freeze_args[@]}"} \
     "${answer_args[@]}" \
     --valid-batch-size="${valid_batch_size}" \
     --add-type-embedding \
