@@ -16,6 +16,14 @@ def test_trainer_builds_the_ema_that_copies_integer_entries():
     from fairseq import trainer
 
     assert trainer.build_ema is ema.build_ema
+    ema.install()  # a second call changes nothing
+    assert trainer.build_ema is ema.build_ema
+    try:
+        ema.uninstall()
+        assert trainer.build_ema.__module__ == "fairseq.models.ema"
+    finally:
+        ema.install()
+    assert trainer.build_ema is ema.build_ema
 
 
 @pytest.mark.parametrize("fp32", [True, False])
