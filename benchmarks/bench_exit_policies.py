@@ -180,6 +180,12 @@ def vg_train(bench_task: str, work: Path, data_dir: Path, bpe_dir: str, args) ->
     spec = VG_TASKS[bench_task]
     backbone = quickstart.pretrain_backbone(work, work / "data", args.pretrain_backbone_steps)
     save_dir = work / f"checkpoints_{spec['task']}_{args.updates}"
+    if args.finetune_from_model:  # OFA's way: start from a model that already reads the pictures
+        import hashlib
+
+        backbone = backbone + ["--finetune-from-model", args.finetune_from_model]
+        save_dir = save_dir.with_name(save_dir.name + "_from_"
+                                      + hashlib.sha1(args.finetune_from_model.encode()).hexdigest()[:8])
     checkpoint, done = save_dir / "checkpoint_last.pt", save_dir / f"trained_{args.updates}_updates"
     if done.exists() and checkpoint.exists():
         logger.info("%s: reusing %s", spec["task"], checkpoint)

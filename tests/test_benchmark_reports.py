@@ -349,7 +349,8 @@ def test_grounding_grading_iou_cost_and_depth_per_box_token(bench, tmp_path):
 
 
 def test_reuse_checkpoints_refuses_a_missing_model(bench, tmp_path):
-    args = argparse.Namespace(pretrain_backbone_steps=0, updates=7, reuse_checkpoints=True, train_batch_size=4)
+    args = argparse.Namespace(pretrain_backbone_steps=0, updates=7, reuse_checkpoints=True, train_batch_size=4,
+                              finetune_from_model=None)
     with pytest.raises(FileNotFoundError, match="--reuse-checkpoints: no trained refcoco model"):
         bench.vg_train("refcoco", tmp_path, tmp_path, "bpe", args)
 
@@ -357,3 +358,23 @@ def test_reuse_checkpoints_refuses_a_missing_model(bench, tmp_path):
 def test_unknown_task_is_refused(bench):
     with pytest.raises(SystemExit):
         bench.main(["--tasks", "vqa"])
+
+
+def test_vqa_grounding_training_goes_through_the_run_script(bench, tmp_path, monkeypatch):
+    import subprocess
+
+    calls = []
+    monkeypatch.setattr(subprocess, "run", lambda command, **kw: calls.append((command, kw["env"])))
+    args = argparse.Namespace(pretrain_backbone_steps=0, updates=7, reuse_checkpoints=False, train_batch_size=4,
+                              finetune_from_model="/models/vqa.pt")
+    checkpoint = bench.vg_train("refcoco", tmp_path, tmp_path / "data", "bpe", args)
+    (command, env), = calls
+    assert command[-1].endswith("run_scripts/refcoco/train_refcoco_mue.sh")
+    extra = env["extra_args"].split()
+    assert extra[extra.index("--finetune-from-model") + 1] == "/models/vqa.pt"
+    assert extra[extra.index("--max-update") + 1] == "7" and extra[extra.index("--max-image-size") + 1] == "64"
+    assert env["restore_file"] == "" and env["total_num_update"] == "7"
+    assert checkpoint.parent.name.startswith("checkpoints_refcoco_7_from_")
+    assert (checkpoint.parent / "trained_7_updates").exists()
+    checkpoint.write_bytes(b"")  # what the run script would have written: a second run reuses it
+    assert bench.vg_train("refcoco", tmp_path, tmp_path / "data", "bpe", args) == checkpoint and len(calls) == 1
