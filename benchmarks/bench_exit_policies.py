@@ -20,7 +20,15 @@
    Entailment uses OFA's protocol for every policy: the three answers scored in one
    teacher-forced pass, a sample's candidates stopping together; entropy, patience and confidence
    judge the prediction of the first answer token.
-4. Output in `--out-dir`: `exit_policies.csv` (one row per task, batch, policy and knob),
+   VQA and grounding (`--tasks vqa_gen_allcand,vqa_gen_beamsearch,refcoco`) run on the built-in VQA /
+   grounding data (`data_utils/synthetic_vqa_grounding.py`), with models trained by the tasks' run
+   scripts (`run_scripts/vqa/train_vqa_mue.sh`, `run_scripts/refcoco/train_refcoco_mue.sh`; the
+   quickstart's small model, `--reuse-checkpoints` to insist on the ones already trained). vqa_gen is
+   evaluated both ways OFA does: allcand (the candidates of a question stop together; the
+   prediction-based policies judge the first answer token) and beamsearch (exits per token).
+   Their tables add trivial baselines, the score per question / expression level, and for
+   grounding the exit depth of each box token (x0, y0, x1, y1) and the IoU the exits cost.
+4. Output in `--out-dir` (file names from `--name`): `exit_policies.csv` (one row per task, batch, policy and knob),
    `exit_policies_fronts.png` (quality vs measured speed-up, Pareto front per policy),
    `exit_policies.json`, and with `--markdown` the tables in BENCHMARKS.md: for each policy (and
    each of MuE's two ways) the fastest setting that keeps the target (99% of full-depth accuracy,
@@ -72,6 +80,23 @@ POLICY_TITLES = {
 }
 
 
+# VQA and grounding on the built-in scenes (`data_utils/synthetic_vqa_grounding.py`): trained with the
+# tasks' run scripts, OFA-Base's recipe with the quickstart's small model. vqa_gen is benchmarked in
+# both of OFA's inference modes on the same model.
+VG_TASKS = {
+    "vqa_gen_allcand": {"task": "vqa_gen", "script": "run_scripts/vqa/train_vqa_mue.sh", "prefix": "vqa_gen",
+                        "selected_cols": "0,5,2,3,4", "eval_args": []},
+    "vqa_gen_beamsearch": {"task": "vqa_gen", "script": "run_scripts/vqa/train_vqa_mue.sh", "prefix": "vqa_gen",
+                           "selected_cols": "0,5,2,3,4",
+                           "eval_args": ["--beam-search-vqa-eval", "--beam", "5", "--unnormalized",
+                                         "--temperature", "1.0"]},
+    "refcoco": {"task": "refcoco", "script": "run_scripts/refcoco/train_refcoco_mue.sh", "prefix": "refcoco",
+                "selected_cols": "0,4,2,3",
+                "eval_args": ["--beam", "5", "--min-len", "4", "--max-len-a", "0", "--max-len-b", "4"]},
+}
+TARGETS.update({"vqa_gen_allcand": 0.99, "vqa_gen_beamsearch": 0.99, "refcoco": 0.99})
+
+
 def static_depth_options(depth: int) -> Dict:
     """Options truncating every stream (image, text, each decoder token) at `depth` layers."""
     return {"mue_exit_policy": "static", "mue_static_image_layers": depth, "mue_static_text_layers": depth,
@@ -101,6 +126,204 @@ def policy_settings(num_layers: int, entropies: Sequence[float], patiences: Sequ
         points.append({"policy": "MuE", "knob": "decoder threshold (img = txt = 1)", "value": value,
                        "options": {"mue_decoder_threshold": value}})
     return points
+
+
+def vg_data(work: Path, num_train: int) -> Path:
+    """The built-in VQA and grounding TSVs in `work`/data_vqa_grounding (written when absent)."""
+    from data_utils.synthetic_vqa_grounding import build_vqa_grounding_task
+
+    data_dir = work / "data_vqa_grounding"
+    if not (data_dir / "vqa_ans2label.pkl").exists():
+        build_vqa_grounding_task(str(data_dir), seed=1, num_train=num_train, num_valid=200, num_test=300,
+                                 questions_per_image=2, expressions_per_image=2)
+    return data_dir
+
+
+def vg_train_environment(bench_task: str, data_dir: Path, save_dir: Path, updates: int, batch_size: int,
+                         bpe_dir: str, backbone_args: Sequence[str]) -> Dict[str, str]:
+    """The run script's variables for the quickstart's small model on the built-in data: OFA's
+    recipe (layer-wise loss, drop-path, label smoothing) with a from-scratch model's learning rate,
+    no restore file, a fixed number of updates and no validation (the benchmark evaluates)."""
+    from mue_fairseq.cli import quickstart
+
+    spec = VG_TASKS[bench_task]
+    model_args = list(quickstart.MODEL_ARGS)
+    arch = model_args[model_args.index("--arch") + 1]
+    del model_args[model_args.index("--arch"):model_args.index("--arch") + 2]
+    size = model_args[model_args.index("--patch-image-size") + 1]
+    extra = model_args + ["--max-update", str(updates), "--disable-validation", "--no-epoch-checkpoints",
+                          "--sampled-intermediate-layers", "2", "--seed", "1", *backbone_args]
+    env = {
+        "arch": arch, "restore_file": "", "lr": "1e-3", "batch_size": str(batch_size), "update_freq": "1",
+        "max_epoch": "100", "total_num_update": str(updates), "warmup_updates": str(max(updates // 10, 1)),
+        "patch_image_size": size, "bpe_dir": bpe_dir, "save_path": str(save_dir), "log_dir": str(save_dir),
+        "log_file": str(save_dir / "train.log"), "selected_cols": spec["selected_cols"],
+        "data": f"{data_dir / (spec['prefix'] + '_train.tsv')},{data_dir / (spec['prefix'] + '_valid.tsv')}",
+        "MASTER_PORT": "6053" if spec["task"] == "refcoco" else "8316",  # both may train at once
+    }
+    if spec["task"] == "vqa_gen":
+        # from scratch: train the embeddings (OFA freezes its pre-trained ones); no EMA, no object labels
+        env.update({"ans2label_file": str(data_dir / "vqa_ans2label.pkl"), "uses_ema": "0", "add_object": "0",
+                    "freeze_embeddings": "0"})
+    else:  # boxes are quantised relative to the (64-pixel) resized image, as OFA's 512 / 512
+        extra += ["--max-image-size", size]
+    env["extra_args"] = " ".join(extra)
+    return env
+
+
+def vg_train(bench_task: str, work: Path, data_dir: Path, bpe_dir: str, args) -> Path:
+    """Train (or reuse) the model of a VQA / grounding bench task with its run script."""
+    import subprocess
+
+    from mue_fairseq.cli import quickstart
+
+    spec = VG_TASKS[bench_task]
+    backbone = quickstart.pretrain_backbone(work, work / "data", args.pretrain_backbone_steps)
+    save_dir = work / f"checkpoints_{spec['task']}_{args.updates}"
+    if args.finetune_from_model:  # OFA's way: start from a model that already reads the pictures
+        import hashlib
+
+        backbone = backbone + ["--finetune-from-model", args.finetune_from_model]
+        save_dir = save_dir.with_name(save_dir.name + "_from_"
+                                      + hashlib.sha1(args.finetune_from_model.encode()).hexdigest()[:8])
+    checkpoint, done = save_dir / "checkpoint_last.pt", save_dir / f"trained_{args.updates}_updates"
+    if done.exists() and checkpoint.exists():
+        logger.info("%s: reusing %s", spec["task"], checkpoint)
+        return checkpoint
+    if args.reuse_checkpoints:
+        raise FileNotFoundError(f"--reuse-checkpoints: no trained {spec['task']} model in {save_dir} "
+                                f"(train it first: the same command without --reuse-checkpoints)")
+    save_dir.mkdir(parents=True, exist_ok=True)
+    env = vg_train_environment(bench_task, data_dir, save_dir, args.updates, args.train_batch_size, bpe_dir, backbone)
+    env_line = " ".join(f"{k}={v!r}" if " " in v or not v else f"{k}={v}" for k, v in env.items())
+    logger.info("%s: training %d updates: %s bash %s", spec["task"], args.updates, env_line, spec["script"])
+    (save_dir / "train_command.txt").write_text(f"{env_line} bash {spec['script']}\n")
+    subprocess.run(["bash", str(REPO / spec["script"])], check=True, cwd=REPO,
+                   env={**os.environ, "PYTHON": sys.executable, **env})
+    done.touch()
+    return checkpoint
+
+
+def vg_load(bench_task: str, checkpoint: Path, data_dir: Path, bpe_dir: str, batch_size: int):
+    """(models, task, cfg) of a VQA / grounding bench task, evaluated as OFA's scripts do."""
+    from fairseq import options
+
+    from mue_fairseq.cli.evaluate import add_mue_arguments, load_for_evaluation
+
+    spec = VG_TASKS[bench_task]
+    parser = options.get_generation_parser()
+    add_mue_arguments(parser)
+    overrides = {"bpe_dir": bpe_dir, "selected_cols": spec["selected_cols"]}
+    if spec["task"] == "vqa_gen":
+        overrides.update({"ans2label_file": str(data_dir / "vqa_ans2label.pkl"), "valid_batch_size": 20})
+    argv = [str(data_dir / f"{spec['prefix']}_valid.tsv"), "--path", str(checkpoint), "--user-dir",
+            str(REPO / "mue_fairseq"), "--task", spec["task"], "--batch-size", str(batch_size), "--cpu",
+            "--log-format", "none", "--num-workers", "0", "--model-overrides", json.dumps(overrides),
+            *spec["eval_args"]]
+    return load_for_evaluation(options.parse_args_and_arch(parser, argv))
+
+
+BOX_POSITIONS = ("x0", "y0", "x1", "y1", "eos")
+
+
+def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
+    """Intersection over union of two (x0, y0, x1, y1) boxes."""
+    width = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    height = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = width * height
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def _tsv_rows(path: Path) -> List[List[str]]:
+    with path.open(encoding="utf-8") as handle:
+        return [line.rstrip("\n").split("\t") for line in handle if line.strip()]
+
+
+def _vqa_answers(column: str) -> Dict[str, float]:
+    """The answers column (``conf|!+answer`` joined by ``&&``) as answer -> confidence."""
+    answers = {}
+    for item in column.split("&&"):
+        confidence, answer = item.split("|!+")
+        answers[answer] = float(confidence)
+    return answers
+
+
+class VGGrading:
+    """What the headline score does not say for VQA / grounding rows: the score per question or
+    expression level, trivial baselines (no picture needed), how many answers or boxes an exit
+    setting changes, and for grounding the boxes' IoU and the exit depth of each coordinate token."""
+
+    def __init__(self, bench_task: str, test_file: Path, subset_file: Path):
+        self.task = VG_TASKS[bench_task]["task"]
+        meta = [json.loads(line) for line in test_file.with_suffix(".meta.jsonl").open()]
+        key = "question_id" if self.task == "vqa_gen" else "uniq_id"
+        self.meta = {str(record[key]): record for record in meta}
+        self.rows = {row[0]: row for row in _tsv_rows(subset_file)}
+        train = _tsv_rows(test_file.with_name(test_file.name.replace("_test.tsv", "_train.tsv")))
+        self.baselines = self._vqa_baselines(train) if self.task == "vqa_gen" else self._box_baselines(train)
+
+    # ----------------------------------------------------------------- baselines
+    def _vqa_baselines(self, train: List[List[str]]) -> Dict[str, float]:
+        from collections import Counter
+
+        overall = Counter(max(_vqa_answers(r[3]).items(), key=lambda kv: kv[1])[0] for r in train)
+        by_question: Dict[str, Counter] = {}
+        for r in train:
+            by_question.setdefault(r[2], Counter())[max(_vqa_answers(r[3]).items(), key=lambda kv: kv[1])[0]] += 1
+        frequent = overall.most_common(1)[0][0]
+        rows = list(self.rows.values())
+
+        def score(answer_of) -> float:
+            return 100.0 * sum(_vqa_answers(r[3]).get(answer_of(r), 0.0) for r in rows) / len(rows)
+
+        return {f"most frequent answer ({frequent!r})": score(lambda r: frequent),
+                "most frequent answer per question (no picture)": score(
+                    lambda r: by_question[r[2]].most_common(1)[0][0] if r[2] in by_question else frequent)}
+
+    def _box_baselines(self, train: List[List[str]]) -> Dict[str, float]:
+        boxes = [[float(v) for v in r[3].split(",")] for r in train]
+        mean_w = sum(b[2] - b[0] for b in boxes) / len(boxes)
+        mean_h = sum(b[3] - b[1] for b in boxes) / len(boxes)
+        hits = []
+        for uniq_id, r in self.rows.items():
+            record = self.meta[uniq_id]
+            cx, cy = record["width"] / 2, record["height"] / 2
+            centre = (cx - mean_w / 2, cy - mean_h / 2, cx + mean_w / 2, cy + mean_h / 2)
+            hits.append(box_iou(centre, [float(v) for v in r[3].split(",")]) >= 0.5)
+        return {f"centre box of the mean training size ({mean_w:.1f} x {mean_h:.1f} px)": 100.0 * sum(hits) / len(hits)}
+
+    # ------------------------------------------------------------- per setting
+    def row_extras(self, result, stats) -> Dict:
+        by_level: Dict[str, List[float]] = {}
+        extras: Dict = {}
+        if self.task == "vqa_gen":
+            outputs = {str(p["question_id"]): p["answer"] for p in result.predictions}
+            for qid, answer in outputs.items():
+                level = str(self.meta[qid]["level"])
+                by_level.setdefault(level, []).append(_vqa_answers(self.rows[qid][3]).get(answer, 0.0))
+        else:
+            outputs = {str(p["uniq_id"]): p["box"] for p in result.predictions}
+            ious = []
+            for uniq_id, box in outputs.items():
+                iou = box_iou(box, [float(v) for v in self.rows[uniq_id][3].split(",")])
+                ious.append(iou)
+                by_level.setdefault(str(self.meta[uniq_id]["level"]), []).append(float(iou >= 0.5))
+            extras["mean_iou"] = sum(ious) / len(ious)
+            positions = stats.decoder_by_position()["mean"] if len(stats) else []
+            extras["decoder_layers_by_position"] = dict(zip(BOX_POSITIONS, positions))
+        extras["quality_by_level"] = {k: 100.0 * sum(v) / len(v) for k, v in sorted(by_level.items())}
+        extras["_outputs"] = outputs
+        return extras
+
+    def compare_with_full_depth(self, row: Dict, full: Dict) -> None:
+        """Share of answers / boxes the setting changes; for boxes, the IoU lost and the IoU with the
+        full-depth box."""
+        mine, theirs = row["_outputs"], full["_outputs"]
+        row["changed_vs_full_depth"] = 100.0 * sum(mine[k] != theirs[k] for k in mine) / max(len(mine), 1)
+        if self.task == "refcoco":
+            row["iou_cost"] = full["mean_iou"] - row["mean_iou"]
+            row["iou_with_full_depth_box"] = sum(box_iou(mine[k], theirs[k]) for k in mine) / max(len(mine), 1)
 
 
 def parse_floats(text: str) -> List[float]:
@@ -184,15 +407,25 @@ def sweep_task(task: str, work: Path, data_dir: Path, bpe_dir: str, args) -> Lis
 
     from mue_fairseq.cli import quickstart
 
-    recipe = quickstart.pretrain_backbone(work, data_dir, args.pretrain_backbone_steps) + quickstart.hold_encoder(
-        args.freeze_encoder_layers_updates)
-    if args.finetune_from_model:  # OFA's way: a task starts from a model that already reads pictures
-        recipe += ["--finetune-from-model", args.finetune_from_model]
-    checkpoint = quickstart.train(task, data_dir, work / f"checkpoints_{task}", args.updates, args.train_batch_size,
-                                  bpe_dir, recipe)
-    models, task_obj, cfg = quickstart.load(task, checkpoint, data_dir, bpe_dir, args.batch_sizes[0])
+    if task in VG_TASKS:
+        vg_dir = vg_data(work, args.num_train_vqa_grounding)
+        checkpoint = vg_train(task, work, vg_dir, bpe_dir, args)
+        if args.train_only:
+            return []
+        models, task_obj, cfg = vg_load(task, checkpoint, vg_dir, bpe_dir, args.batch_sizes[0])
+        test_file = vg_dir / f"{VG_TASKS[task]['prefix']}_test.tsv"
+    else:
+        recipe = quickstart.pretrain_backbone(work, data_dir, args.pretrain_backbone_steps) + quickstart.hold_encoder(
+            args.freeze_encoder_layers_updates)
+        if args.finetune_from_model:  # OFA's way: a task starts from a model that already reads pictures
+            recipe += ["--finetune-from-model", args.finetune_from_model]
+        checkpoint = quickstart.train(task, data_dir, work / f"checkpoints_{task}", args.updates,
+                                      args.train_batch_size, bpe_dir, recipe)
+        if args.train_only:
+            return []
+        models, task_obj, cfg = quickstart.load(task, checkpoint, data_dir, bpe_dir, args.batch_sizes[0])
+        test_file = data_dir / quickstart.TASKS[task]["files"][2]
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
-    test_file = data_dir / quickstart.TASKS[task]["files"][2]
     subset_file = first_rows(test_file, work / "exit_policies" / f"{task}_test_first{args.max_samples}.tsv",
                              args.max_samples)
     task_obj.cfg.data = str(subset_file)  # OFA reads the last --data file for every split but train
@@ -203,6 +436,7 @@ def sweep_task(task: str, work: Path, data_dir: Path, bpe_dir: str, args) -> Lis
 
         meta_file = test_file.with_suffix(".meta.jsonl")
         meta = load_meta(str(meta_file)) if meta_file.exists() else None
+    grading = VGGrading(task, test_file, subset_file) if task in VG_TASKS else None
     points = policy_settings(models[0].args.decoder_layers, parse_floats(args.entropies),
                              [int(v) for v in parse_floats(args.patiences)], parse_floats(args.confidences),
                              parse_floats(args.similarities), parse_floats(args.decoder_similarities))
@@ -220,6 +454,8 @@ def sweep_task(task: str, work: Path, data_dir: Path, bpe_dir: str, args) -> Lis
         batch_rows = []
         for entry in timed_rounds(points, run_point, args.repeats):
             row = point_row(task, batch_size, entry["point"], entry["result"], entry["stats"], meta)
+            if grading is not None:
+                row.update(grading.row_extras(entry["result"], entry["stats"]))
             row["seconds"], row["seconds_repeats"] = entry["seconds"], entry["seconds_repeats"]
             batch_rows.append(row)
         first = batch_rows[0]
@@ -227,6 +463,13 @@ def sweep_task(task: str, work: Path, data_dir: Path, bpe_dir: str, args) -> Lis
             row["measured_speedup"] = first["seconds"] / row["seconds"] if row["seconds"] else float("nan")
             row["quality_ratio"] = row["quality"] / first["quality"] if first["quality"] else float("nan")
             row["meets_target"] = keeps_target(row["quality"], first["quality"], TARGETS[task])
+            if grading is not None:
+                grading.compare_with_full_depth(row, first)
+        if grading is not None:
+            for row in batch_rows:
+                row["trivial_baselines"] = grading.baselines
+            for row in batch_rows:  # the answers / boxes themselves are not kept
+                del row["_outputs"]
         rows += batch_rows
     return rows
 
@@ -282,6 +525,14 @@ def summarise(rows: List[Dict]) -> Dict:
             kept = gain(batches[-1]) / gain(batches[0]) if gain(batches[0]) > 0 else None
         summary[task] = {"batches": per_batch, "mue_speedup_kept_at_largest_batch": kept}
     return summary
+
+
+def train_file(task: str, work: Path, data_dir: Path) -> Path:
+    from mue_fairseq.cli import quickstart
+
+    if task in VG_TASKS:
+        return work / "data_vqa_grounding" / f"{VG_TASKS[task]['prefix']}_train.tsv"
+    return data_dir / quickstart.TASKS[task]["files"][0]
 
 
 def count_lines(path: Path) -> int:
@@ -351,7 +602,8 @@ def timing_method(setting: Dict) -> str:
             "at the end; each keeps its fastest time")
 
 
-def markdown(rows: List[Dict], summary: Dict, setting: Dict) -> str:
+def markdown(rows: List[Dict], summary: Dict, setting: Dict,
+             plot: str = "benchmarks/results/exit_policies_fronts.png") -> str:
     lines = [
         f"Command: `{setting['command']}`",
         "",
@@ -400,6 +652,8 @@ def markdown(rows: List[Dict], summary: Dict, setting: Dict) -> str:
                                  f"{title} " + " / ".join(f"{v:.1f}" for v in r["quality_by_difficulty"].values())
                                  for title, r in by_level) + ".")
                 lines.append("")
+        if task in VG_TASKS:
+            lines += vg_markdown(task, task_summary, [r for r in rows if r["task"] == task])
         kept = task_summary["mue_speedup_kept_at_largest_batch"]
         batches = sorted(task_summary["batches"])
         ends = [task_summary["batches"][b]["mue_best"] for b in (batches[0], batches[-1])]
@@ -415,19 +669,67 @@ def markdown(rows: List[Dict], summary: Dict, setting: Dict) -> str:
         for batch_size, entry in task_summary["batches"].items():
             mue = entry["mue_best"]
             speedup = mue and mue["measured_speedup"]
-            met = speedup is not None and speedup >= TARGET_SPEEDUPS[task]
+            target_speedup = TARGET_SPEEDUPS.get(task)
+            met = speedup is not None and target_speedup is not None and speedup >= target_speedup
             loss = entry["static_half_loss_points"]
             lines.append(
                 f"- {task}, batch {batch_size}: MuE {_fmt(speedup, '{:.2f}x')} at the target quality "
-                f"(speed-up target {TARGET_SPEEDUPS[task]:g}x: {'met' if met else 'not met'}; best other policy "
+                + (f"(speed-up target {target_speedup:g}x: {'met' if met else 'not met'}; " if target_speedup
+                   else "(no speed-up target set; ")
+                + "best other policy "
                 f"{_fmt(entry['best_other_speedup'], '{:.2f}x')}); static half depth loses "
                 f"{_fmt(loss, '{:.2f}')} points"
                 + ("" if loss is None or loss >= NEEDS_DEPTH_POINTS else
                    f" (< {NEEDS_DEPTH_POINTS:g}: the model does not need its depth on this task, so no speed-up is claimed on it)")
                 + "; " + _dominance(entry["not_dominated_by_mue"]) + "."
             )
-    lines += ["", "![fronts](benchmarks/results/exit_policies_fronts.png)"]
+    lines += ["", f"![fronts]({plot})"]
     return "\n".join(lines)
+
+
+def vg_markdown(task: str, task_summary: Dict, rows: Sequence[Dict]) -> List[str]:
+    """The VQA / grounding lines under a task's tables: trivial baselines, quality per level, and for
+    grounding the exit depth of each coordinate token and the IoU the exits cost."""
+    batches = task_summary["batches"]
+    first = batches[min(batches)]
+    full = first["full"]
+    lines = ["Trivial baselines on the same rows (no picture needed): " + "; ".join(
+        f"{name} {value:.2f}" for name, value in (full.get("trivial_baselines") or {}).items())
+        + f"; the model at full depth {full['quality']:.2f}.", ""]
+    level_names = ("1 colour / yes-no, 2 how many shapes, 3 how many of a colour" if task.startswith("vqa")
+                   else "1 'the circle', 2 'the red circle', 3 size, colour, shape and position")
+    chosen = [("full depth", full), ("static half depth", first["static_half"]),
+              ("MuE at the target", first["mue_best"])]
+    lines += [f"Score by level ({level_names}), batch {min(batches)}: " + "; ".join(
+        f"{title} " + " / ".join(f"{v:.1f}" for v in r["quality_by_level"].values())
+        for title, r in chosen if r is not None and r.get("quality_by_level")) + ".", ""]
+    if task == "refcoco":
+        lines += ["Exit depth per box token and the IoU the exits cost (batch "
+                  f"{min(batches)}; decoder layers run at each position, mean over the test rows; "
+                  "IoU cost = full-depth mean IoU - the setting's; boxes changed = share of boxes "
+                  "not identical to full depth's):", "",
+                  "| method | knob | Acc@0.5 | x0 | y0 | x1 | y1 | eos | mean IoU | IoU cost | IoU with full-depth box "
+                  "| boxes changed |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        batch_rows = [r for r in rows if r["batch_size"] == min(batches)]
+        shown = [full] + [r for r in (first["chosen"].get(p) for p in POLICIES[1:]) if r is not None]
+        shown += [r for r in batch_rows if r["policy"] == "static" and r["value"] == full_layers(batch_rows) // 2]
+        shown += sorted((r for r in batch_rows if r["policy"] == "MuE" and not r["meets_target"]),
+                        key=lambda r: -r["quality"])[:2]
+        seen = set()
+        for r in shown:
+            key = (r["policy"], r["knob"], r["value"])
+            if key in seen:
+                continue
+            seen.add(key)
+            depth = r.get("decoder_layers_by_position") or {}
+            lines.append(f"| {POLICY_TITLES.get(r['policy'], r['policy'])} | {r['knob']} {r['value']} | "
+                         f"{r['quality']:.2f} | " + " | ".join(_fmt(depth.get(p), "{:.2f}") for p in BOX_POSITIONS)
+                         + f" | {_fmt(r.get('mean_iou'), '{:.3f}')} | {_fmt(r.get('iou_cost'), '{:+.3f}')} | "
+                         f"{_fmt(r.get('iou_with_full_depth_box'), '{:.3f}')} | "
+                         f"{_fmt(r.get('changed_vs_full_depth'), '{:.1f}%')} |")
+        lines.append("")
+    return lines
 
 
 def _dominance(escaped: Sequence[Dict]) -> str:
@@ -463,7 +765,8 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     parser.add_argument("--work-dir", default=str(REPO / "work_dirs" / "quickstart"),
                         help="quickstart work dir: its data and checkpoints are reused (trained if absent)")
     parser.add_argument("--bpe-dir", default=os.environ.get("MUE_BPE_DIR", str(REPO.parent / "shared" / "ofa_bpe")))
-    parser.add_argument("--tasks", default="snli_ve,caption")
+    parser.add_argument("--tasks", default="snli_ve,caption",
+                        help="comma-separated: snli_ve, caption, vqa_gen_allcand, vqa_gen_beamsearch, refcoco")
     parser.add_argument("--updates", type=int, default=200, help="training updates per task (as the quickstart)")
     parser.add_argument("--train-batch-size", type=int, default=16)
     parser.add_argument("--pretrain-backbone-steps", type=int, default=0,
@@ -475,6 +778,15 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     parser.add_argument("--finetune-from-model", default=None, metavar="CHECKPOINT",
                         help="start training from this checkpoint's weights (fairseq-train's option of the same "
                         "name), e.g. the caption model for entailment, as OFA fine-tunes from its pre-trained model")
+    parser.add_argument("--num-train-vqa-grounding", type=int, default=4000,
+                        help="training images of the built-in VQA / grounding data (2 questions and 2 "
+                        "expressions each), when --work-dir has none yet")
+    parser.add_argument("--train-only", action="store_true", help="train (or find) the models and stop")
+    parser.add_argument("--reuse-checkpoints", action="store_true",
+                        help="VQA / grounding: evaluate the models an earlier run trained in --work-dir; "
+                        "an error if one is missing (instead of training it)")
+    parser.add_argument("--name", default="exit_policies",
+                        help="output file names in --out-dir: NAME.csv, NAME.json, NAME.md, NAME_fronts.png")
     parser.add_argument("--batch-sizes", default="1,16", help="evaluation batch sizes")
     parser.add_argument("--max-samples", type=int, default=96, help="test rows evaluated per setting")
     parser.add_argument("--repeats", type=int, default=3,
@@ -507,7 +819,10 @@ def main(argv: Optional[List[str]] = None) -> Dict:
         setting["timing"] = "; ".join(  # runs merged here may have been timed differently
             f"{', '.join(sorted({row['task'] for row in run['rows']}))}: {timing_method(run['setting'])}"
             for run in runs)
-        return report(rows, setting, Path(args.out_dir), args.markdown)
+        return report(rows, setting, Path(args.out_dir), args.markdown, args.name)
+    unknown = [t for t in args.tasks.split(",") if t not in TARGETS]
+    if unknown:
+        parser.error(f"--tasks: unknown task(s) {', '.join(unknown)}; choose from {', '.join(TARGETS)}")
 
     from data_utils.synthetic import build_synthetic_task
     from mue_fairseq.cli import quickstart
@@ -522,6 +837,8 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     started = time.time()
     for task in args.tasks.split(","):
         rows += sweep_task(task, work, data_dir, args.bpe_dir, args)
+    if args.train_only:
+        return {"rows": [], "summary": {}}
     out = Path(args.out_dir)
     import torch
 
@@ -531,8 +848,11 @@ def main(argv: Optional[List[str]] = None) -> Dict:
             os.environ.get("OMP_NUM_THREADS", "?"), " ".join(argv if argv is not None else sys.argv[1:])),
         "model": "d=128, 6+6 layers, resnet18 at 64 px, vocabulary 59,457; "
                  f"{args.updates} updates of {args.train_batch_size} per task on "
-                 + ", ".join(f"{count_lines(data_dir / quickstart.TASKS[task]['files'][0]):,} {task} rows"
+                 + ", ".join(f"{count_lines(train_file(task, work, data_dir)):,} {task} rows"
                              for task in args.tasks.split(","))
+                 + ("; VQA / grounding trained with their run scripts (run_scripts/vqa, run_scripts/refcoco; "
+                    "the command is in the checkpoint folder's train_command.txt), no restore file, lr 1e-3"
+                    if any(task in VG_TASKS for task in args.tasks.split(",")) else "")
                  + (f"; ResNet pre-trained on the scenes for {args.pretrain_backbone_steps} steps first"
                     if args.pretrain_backbone_steps else "; ResNet from scratch")
                  + (f"; encoder layers held fixed for the first {args.freeze_encoder_layers_updates} updates"
@@ -544,18 +864,21 @@ def main(argv: Optional[List[str]] = None) -> Dict:
                    f"{platform.processor() or platform.machine()}, load average {load:.1f} at the end, "
                    f"{(time.time() - started) / 60:.0f} min",
     }
-    return report(rows, setting, out, args.markdown)
+    return report(rows, setting, out, args.markdown, args.name)
 
 
-def report(rows: List[Dict], setting: Dict, out: Path, markdown_path: Optional[str]) -> Dict:
-    """Write the CSV, plot and JSON of `rows` to `out`; print the tables and put them in `markdown_path`."""
+def report(rows: List[Dict], setting: Dict, out: Path, markdown_path: Optional[str],
+           name: str = "exit_policies") -> Dict:
+    """Write NAME.csv, NAME_fronts.png, NAME.json and NAME.md of `rows` to `out`; print the tables
+    and put them in `markdown_path`."""
     out.mkdir(parents=True, exist_ok=True)
     summary = summarise(rows)
-    write_csv(rows, out / "exit_policies.csv")
-    plot_fronts(rows, out / "exit_policies_fronts.png")
-    (out / "exit_policies.json").write_text(json.dumps({"setting": setting, "rows": rows, "summary": summary},
-                                                       indent=1, default=str))
-    body = markdown(rows, summary, setting)
+    write_csv(rows, out / f"{name}.csv")
+    plot_fronts(rows, out / f"{name}_fronts.png")
+    (out / f"{name}.json").write_text(json.dumps({"setting": setting, "rows": rows, "summary": summary},
+                                                 indent=1, default=str))
+    body = markdown(rows, summary, setting, plot=f"benchmarks/results/{name}_fronts.png")
+    (out / f"{name}.md").write_text(body + "\n")
     print(body)
     if markdown_path:
         update_section(Path(markdown_path), SECTION_HEADING, SECTION_BEGIN, SECTION_END, body)

@@ -279,3 +279,102 @@ def test_profile_decoding_alternates_full_depth_and_mue_and_prints_operators(tmp
         assert all(parts[name] > 0 for name in parts if name != "generator loop and the rest")
         assert 0 <= parts["generator loop and the rest"] < parts["generation"]
     assert "| output head (vocabulary projection) |" in capsys.readouterr().out
+
+
+def test_box_iou_by_hand(bench):
+    assert bench.box_iou((0, 0, 2, 2), (0, 0, 2, 2)) == 1.0
+    assert bench.box_iou((0, 0, 2, 2), (1, 1, 3, 3)) == pytest.approx(1 / 7)  # 1 / (4 + 4 - 1)
+    assert bench.box_iou((0, 0, 1, 1), (2, 2, 3, 3)) == 0.0
+
+
+def _grading_data(tmp_path):
+    from data_utils.synthetic_vqa_grounding import build_vqa_grounding_task
+
+    build_vqa_grounding_task(str(tmp_path), seed=2, num_train=6, num_valid=1, num_test=4)
+    return tmp_path
+
+
+class _Result:
+    def __init__(self, predictions):
+        self.predictions = predictions
+
+
+class _Stats:
+    def __init__(self, positions):
+        self.positions = positions
+
+    def __len__(self):
+        return 1
+
+    def decoder_by_position(self):
+        return {"mean": self.positions}
+
+
+def test_vqa_grading_scores_levels_baselines_and_changed_answers(bench, tmp_path):
+    data = _grading_data(tmp_path)
+    test = data / "vqa_gen_test.tsv"
+    grading = bench.VGGrading("vqa_gen_allcand", test, test)
+    rows = bench._tsv_rows(test)
+    right = _Result([{"question_id": int(r[0]), "answer": r[3].split("|!+")[1]} for r in rows])
+    wrong = _Result([{"question_id": int(r[0]), "answer": "no such answer"} for r in rows])
+    full, other = grading.row_extras(right, _Stats([])), grading.row_extras(wrong, _Stats([]))
+    assert set(full["quality_by_level"].values()) == {100.0} and set(other["quality_by_level"].values()) == {0.0}
+    grading.compare_with_full_depth(other, full)
+    assert other["changed_vs_full_depth"] == 100.0
+    # the most frequent training answer, scored by hand on the test rows
+    from collections import Counter
+
+    answers = [r[3].split("|!+")[1] for r in bench._tsv_rows(data / "vqa_gen_train.tsv")]
+    frequent = Counter(answers).most_common(1)[0][0]
+    by_hand = 100.0 * sum(r[3].split("|!+")[1] == frequent for r in rows) / len(rows)
+    assert grading.baselines[f"most frequent answer ({frequent!r})"] == pytest.approx(by_hand)
+
+
+def test_grounding_grading_iou_cost_and_depth_per_box_token(bench, tmp_path):
+    data = _grading_data(tmp_path)
+    test = data / "refcoco_test.tsv"
+    grading = bench.VGGrading("refcoco", test, test)
+    rows = bench._tsv_rows(test)
+    boxes = {r[0]: [float(v) for v in r[3].split(",")] for r in rows}
+    exact = _Result([{"uniq_id": k, "box": b} for k, b in boxes.items()])
+    # each box shifted right by its own width: IoU 0 with the reference
+    shifted = _Result([{"uniq_id": k, "box": [b[2], b[1], 2 * b[2] - b[0], b[3]]} for k, b in boxes.items()])
+    full = grading.row_extras(exact, _Stats([6.0, 5.0, 4.0, 3.0, 2.0]))
+    early = grading.row_extras(shifted, _Stats([1.0, 1.0, 2.0, 2.0, 1.0]))
+    grading.compare_with_full_depth(early, full)
+    assert full["mean_iou"] == 1.0 and early["mean_iou"] == 0.0 and early["iou_cost"] == 1.0
+    assert early["iou_with_full_depth_box"] == 0.0 and early["changed_vs_full_depth"] == 100.0
+    assert full["decoder_layers_by_position"] == {"x0": 6.0, "y0": 5.0, "x1": 4.0, "y1": 3.0, "eos": 2.0}
+    assert len(grading.baselines) == 1 and 0.0 <= next(iter(grading.baselines.values())) <= 100.0
+
+
+def test_reuse_checkpoints_refuses_a_missing_model(bench, tmp_path):
+    args = argparse.Namespace(pretrain_backbone_steps=0, updates=7, reuse_checkpoints=True, train_batch_size=4,
+                              finetune_from_model=None)
+    with pytest.raises(FileNotFoundError, match="--reuse-checkpoints: no trained refcoco model"):
+        bench.vg_train("refcoco", tmp_path, tmp_path, "bpe", args)
+
+
+def test_unknown_task_is_refused(bench):
+    with pytest.raises(SystemExit):
+        bench.main(["--tasks", "vqa"])
+
+
+def test_vqa_grounding_training_goes_through_the_run_script(bench, tmp_path, monkeypatch):
+    import subprocess
+
+    calls = []
+    monkeypatch.setattr(subprocess, "run", lambda command, **kw: calls.append((command, kw["env"])))
+    args = argparse.Namespace(pretrain_backbone_steps=0, updates=7, reuse_checkpoints=False, train_batch_size=4,
+                              finetune_from_model="/models/vqa.pt")
+    checkpoint = bench.vg_train("refcoco", tmp_path, tmp_path / "data", "bpe", args)
+    (command, env), = calls
+    assert command[-1].endswith("run_scripts/refcoco/train_refcoco_mue.sh")
+    extra = env["extra_args"].split()
+    assert extra[extra.index("--finetune-from-model") + 1] == "/models/vqa.pt"
+    assert extra[extra.index("--max-update") + 1] == "7" and extra[extra.index("--max-image-size") + 1] == "64"
+    assert env["restore_file"] == "" and env["total_num_update"] == "7"
+    assert checkpoint.parent.name.startswith("checkpoints_refcoco_7_from_")
+    assert (checkpoint.parent / "trained_7_updates").exists()
+    checkpoint.write_bytes(b"")  # what the run script would have written: a second run reuses it
+    assert bench.vg_train("refcoco", tmp_path, tmp_path / "data", "bpe", args) == checkpoint and len(calls) == 1

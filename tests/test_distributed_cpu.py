@@ -1,6 +1,6 @@
 """CPU data-parallel training with fairseq's default `--ddp-backend pytorch_ddp` (mue_fairseq.distributed_cpu).
 
-Importing the plugin changes nothing in fairseq; the CPU support is switched on by
+Importing the plugin changes nothing in fairseq's distributed code; the CPU support is switched on by
 `distributed_cpu.install()` (here, before the ranks are forked) or by `MUE_CPU_DISTRIBUTED=1`.
 
 The end-to-end tests train tiny `ofa` / `mue_ofa` models on synthetic TSV rows: one process with

@@ -185,11 +185,13 @@ def test_caption_evaluate_and_sweep_commands(tmp_path):
 def test_vqa_train_script_options(tmp_path):
     script = SCRIPTS / "vqa" / "train_vqa_mue.sh"
     env = {"PATH": no_gpu_path(tmp_path), "uses_ema": "0", "add_object": "0",
-           "unconstrained_training": "1", "val_inference_type": "beamsearch"}
+           "unconstrained_training": "1", "val_inference_type": "beamsearch", "freeze_embeddings": "0"}
     command = dry_run(script, env)
     assert "--unconstrained-training" in command and not any(t.startswith("--ans2label-file") for t in command)
     assert not any("ema" in t for t in command) and "--add-object" not in command
+    assert not any(t.startswith("--freeze") for t in command)
     assert option(command, "--val-inference-type") == "beamsearch" and option(command, "--warmup-ratio") == "0.04"
+    assert "--freeze-encoder-embedding" in dry_run(script, {**env, "freeze_embeddings": "1"})
 
 
 def test_refcoco_train_script_datasets(tmp_path):
@@ -217,6 +219,8 @@ def test_vqa_evaluate_and_sweep_commands(tmp_path):
                          "valid_batch_size": 20}
     assert "--cpu" in command and option(command, "--gen-subset") == "val"
     assert option(command, "--results-path") == str(REPO / "results/vqa_mue_val_allcand")
+    assert "--ema-eval" not in command
+    assert "--ema-eval" in dry_run(SCRIPTS / "vqa" / "evaluate_vqa_mue.sh", {**env, "ema_eval": "1"}, "val")
 
     command = dry_run(SCRIPTS / "vqa" / "evaluate_vqa_mue.sh", {**env, "inference": "beamsearch"}, "test")
     assert "--beam-search-vqa-eval" in command and "--unnormalized" in command

@@ -70,6 +70,9 @@ def add_mue_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--beam-search-vqa-eval", action="store_true",
                         help="vqa_gen: answer by constrained beam search instead of scoring every candidate "
                         "(OFA's evaluate.py option; it sets val_inference_type)")
+    parser.add_argument("--ema-eval", action="store_true",
+                        help="evaluate the EMA weights the checkpoint stores (trained with --store-ema), as OFA's "
+                        "evaluate.py --ema-eval does")
     parser.add_argument("--no-plots", action="store_true", help="do not draw exit-layer histograms")
     parser.add_argument("--official-caption-scores", action="store_true",
                         help="also score captions with pycocoevalcap (Java): BLEU, METEOR, ROUGE-L, CIDEr")
@@ -100,6 +103,9 @@ def load_for_evaluation(args: argparse.Namespace):
         overrides["val_inference_type"] = "beamsearch" if getattr(args, "beam_search_vqa_eval", False) else "allcand"
     models, _, task = load_ofa_ensemble(utils.split_paths(cfg.common_eval.path), arg_overrides=overrides,
                                         task_name=asked_task)
+    if getattr(args, "ema_eval", False):
+        for model, path in zip(models, utils.split_paths(cfg.common_eval.path)):
+            load_ema_weights(model, path)
     # A task option, which the checkpoint's task config (OFA's: no such field) cannot carry.
     task.strict_images = task.strict_images or bool(getattr(args, "strict_images", False))
     use_cuda = torch.cuda.is_available() and not cfg.common.cpu
@@ -114,6 +120,25 @@ def load_for_evaluation(args: argparse.Namespace):
         if use_cuda:
             model.cuda()
     return models, task, cfg
+
+
+def load_ema_weights(model, path: str) -> None:
+    """Replace `model`'s weights by the EMA weights that checkpoint `path` stores (fairseq's
+    ``extra_state["ema"]``, written with ``--store-ema``), strictly."""
+    from mue_fairseq.ofa.checkpoint import read_checkpoint
+
+    state = read_checkpoint(path)
+    ema = (state.get("extra_state") or {}).get("ema")
+    if not ema:
+        raise ValueError(f"--ema-eval: the checkpoint {path} stores no EMA weights (extra_state['ema']); "
+                         "it was trained without --store-ema: evaluate it without --ema-eval")
+    # fp16 EMA copies load as float32, as OFA's load_ema_from_checkpoint does
+    weights = {k: v.float() if torch.is_tensor(v) and v.dtype == torch.half else v for k, v in ema.items()}
+    try:
+        model.load_state_dict(weights, strict=True)
+    except RuntimeError as err:
+        raise ValueError(f"--ema-eval: the EMA weights in {path} do not fit its model: {err}") from err
+    logger.info("loaded the EMA weights of %s", path)
 
 
 def _synchronize():

@@ -13,8 +13,8 @@
 # The first argument is the split (val or test). Thresholds: img_thres / txt_thres / decoder_thres,
 # or those of a sweep's calibration JSON (calibration=...); 1 disables a stream's exits. Nobody has
 # published MuE thresholds for VQA: the defaults (1) evaluate at full depth; calibrate them with
-# sweep_vqa_mue.sh. MuE timed with batch_size=1 on one GPU. OFA's --ema-eval is not supported: pass
-# a checkpoint whose model weights are the ones to evaluate.
+# sweep_vqa_mue.sh. MuE timed with batch_size=1 on one GPU. ema_eval=1 evaluates the EMA weights the
+# checkpoint stores (trained with --store-ema, as train_vqa_mue.sh does), as OFA's scripts do with --ema-eval.
 # Every variable below, and those ../mue_common.sh defaults, can be set from the environment.
 # DRY_RUN=1 prints the command instead.
 # mue_args: more evaluate options (e.g. "--mue-kv-policy copy").
@@ -57,4 +57,8 @@ decoder_thres=${decoder_thres:-1}
 task=vqa_gen
 gen_subset=${split}
 more_overrides=",\"ans2label_file\":\"${ans2label_file}\",\"valid_batch_size\":${valid_batch_size}"
-mue_evaluate_with_exits ${inference_args[@]+"${inference_args[@]}"}
+ema_args=()
+if [ "${ema_eval:-0}" = "1" ]; then
+  ema_args=(--ema-eval)
+fi
+mue_evaluate_with_exits ${inference_args[@]+"${inference_args[@]}"} ${ema_args[@]+"${ema_args[@]}"}

@@ -54,6 +54,8 @@ add_object=${add_object:-1}
 # allcand (OFA's default: every candidate scored) or beamsearch (faster, about 0.5 lower)
 val_inference_type=${val_inference_type:-allcand}
 unconstrained_training=${unconstrained_training:-0}
+# OFA fine-tunes VQA with its pre-trained embeddings frozen; 0 trains them (a model from scratch)
+freeze_embeddings=${freeze_embeddings:-1}
 
 log_file=${log_file:-${log_dir}/${max_epoch}_${warmup_ratio}_${lr}_${patch_image_size}.log}
 save_path=${save_path:-${save_dir}/${max_epoch}_${warmup_ratio}_${lr}_${patch_image_size}}
@@ -67,6 +69,10 @@ answer_args=(--ans2label-file="${ans2label_file}")
 if [ "${unconstrained_training}" = "1" ]; then
   answer_args=(--unconstrained-training)
 fi
+freeze_args=()
+if [ "${freeze_embeddings}" = "1" ]; then
+  freeze_args=(--freeze-encoder-embedding --freeze-decoder-embedding)
+fi
 object_args=()
 if [ "${add_object}" = "1" ]; then
   object_args=(--add-object)
@@ -76,7 +82,7 @@ echo "patch_image_size ${patch_image_size}, validation by ${val_inference_type}"
 mue_train \
     --label-smoothing="${label_smoothing}" --keep-last-epochs=15 \
     --best-checkpoint-metric=vqa_score --maximize-best-checkpoint-metric \
-    --freeze-encoder-embedding --freeze-decoder-embedding \
+    ${freeze_args[@]+"${freeze_args[@]}"} \
     "${answer_args[@]}" --valid-batch-size="${valid_batch_size}" --prompt-type="${prompt_type}" \
     --max-object-length="${max_object_length}" \
     ${object_args[@]+"${object_args[@]}"} ${ema_args[@]+"${ema_args[@]}"} \
