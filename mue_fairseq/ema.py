@@ -23,10 +23,15 @@ def integer_state_keys(model: torch.nn.Module) -> Set[str]:
 
 
 def build_ema(model, cfg, device, skip_keys=None):
-    """fairseq's `build_ema`, with the model's integer entries added to ``skip_keys`` (copied at
-    each update, as OFA's fork of fairseq does, instead of decayed)."""
+    """fairseq's `build_ema`; for our OFA models, with their integer entries added to ``skip_keys``
+    (copied at each update, as OFA's fork of fairseq does, instead of decayed). Other models get
+    fairseq's own EMA unchanged."""
     from fairseq.models.ema import EMA
 
+    from .ofa.model import OFAModel
+
+    if not isinstance(model, OFAModel):
+        return EMA(model, cfg, device, skip_keys=skip_keys)
     return EMA(model, cfg, device, skip_keys=set(skip_keys or ()) | integer_state_keys(model))
 
 

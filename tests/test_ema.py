@@ -105,3 +105,18 @@ def test_ema_eval_without_ema_weights_is_a_clear_error(tmp_path_factory):
     checkpoint = tiny_checkpoint("vqa_gen", tmp_path_factory)
     with pytest.raises(ValueError, match=r"--ema-eval: the checkpoint .*checkpoint_last\.pt stores no EMA weights"):
         _load(checkpoint, ["--ema-eval"])
+
+
+def test_other_models_get_fairseqs_own_ema():
+    """Only our OFA models' integer entries are skipped: a plugin import changes no one else's EMA."""
+
+    class Other(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = torch.nn.Linear(2, 2)
+            self.register_buffer("steps", torch.zeros(1, dtype=torch.long))
+
+    averaged = ema.build_ema(Other(), EMAConfig(store_ema=True, ema_decay=0.5), None)
+    assert not averaged.skip_keys
+    _, model, _ = build_pair()
+    assert ema.build_ema(model, EMAConfig(store_ema=True, ema_decay=0.5), None).skip_keys == ema.integer_state_keys(model)
