@@ -160,6 +160,60 @@ def test_ofa_stage2_and_el_scripts_train_validate_and_save(name, metrics, data_d
     assert any(".layers." in key for key in changed), "two updates changed no layer weight"
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.parametrize("name", ["scst", "el"])
+def test_ofa_stage2_and_el_scripts_on_two_processes_from_an_ofa_checkpoint(name, data_dir, tmp_path):
+    """OFA's stage-2 and `_el` scripts as its launcher runs them: two torchrun processes (gloo) restore
+    the OFA checkpoint, each trains on its half of the data, rank 0 validates and saves."""
+    import os
+
+    save_dir = tmp_path / "checkpoints"
+    argv = script_args(name, data_dir, save_dir) + ["--distributed-world-size=2"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
+    env.pop("MUE_CPU_DISTRIBUTED", None)  # cli.train turns CPU DDP on itself
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+         "-m", "mue_fairseq.cli.train", *argv],
+        cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-6000:]
+    # both ranks joined one group of two (torchrun's exit status 0: both ended without error);
+    # only rank 0 logs from then on
+    assert "initialized host" in log and "as rank 1" in log and "as rank 0" in log, log[-3000:]
+    assert "done training" in log, log[-3000:]
+
+    train = log_records(log, "train")
+    assert [int(r["num_updates"]) for r in train] == [1, 2], log[-3000:]
+    assert all(math.isfinite(float(r["loss"])) for r in train), train
+    if name == "scst":
+        # the 4 stage-2 images, 2 per process in one batch: 2 x 5 samples per process, 20 per update
+        assert all(int(r["nsentences"]) == 20 and float(r["score"]) > 0 for r in train), train
+    else:
+        # the 8 training captions, 4 per process in one batch of --batch-size 8
+        assert all(int(r["nsentences"]) == 8 for r in train), train
+    valid = log_records(log, "valid")
+    assert len(valid) == 2 and all(math.isfinite(float(r["cider"])) for r in valid), log[-3000:]
+
+    saved = torch.load(save_dir / "checkpoint_last.pt", map_location="cpu", weights_only=False)
+    assert saved["optimizer_history"][-1]["num_updates"] == 2
+    assert saved["cfg"]["distributed_training"]["distributed_world_size"] == 2
+    assert saved["cfg"]["criterion"]["_name"] == {"scst": "scst_reward_criterion",
+                                                  "el": "adjust_label_smoothed_encouraging_loss"}[name]
+    restored = torch.load(CHECKPOINT, map_location="cpu", weights_only=False)["model"]
+    assert saved["model"].keys() == restored.keys()
+    changed = [key for key, value in saved["model"].items()
+               if value.is_floating_point() and not torch.equal(value, restored[key])]
+    assert any(".layers." in key for key in changed), "two updates changed no layer weight"
+
+
 # --------------------------------------------------------------------------- exactness against OFA
 def build_trainer(argv: List[str]):
     """fairseq's trainer, model and criterion as `mue_fairseq.cli.train` builds them, restored."""
