@@ -590,3 +590,43 @@ def test_layerwise_scst_is_the_weighted_sum_of_each_exits_scst_loss(data_dir, tm
     # (with weights 1,0 the last decoder layer gets no gradient)
     halves = {name: (first[1].get(name, torch.zeros_like(grad)) + last[1][name]) / 2 for name, grad in mean[1].items()}
     assert_grads_close(mean[1], halves)
+
+
+def test_layerwise_scst_samples_with_the_models_exits_when_asked(data_dir, tmp_path):
+    """--sample-with-exits: the captions are those the exiting model decodes (here every token stops
+    after decoder layer 1 of 2), not the full-depth model's; without an exit enabled it is an error."""
+    from fairseq import checkpoint_utils, tasks
+
+    exits = ["--arch=mue_ofa_base", "--criterion=mue_layerwise_scst", "--mue-exit-policy=static",
+             "--mue-static-decoder-layers=1"]
+    _, cfg = parse_stage2(data_dir, tmp_path, *exits)
+    task = tasks.setup_task(cfg.task)
+    model = task.build_model(cfg.model)
+    model.load_state_dict(checkpoint_utils.load_checkpoint_to_cpu(str(CHECKPOINT))["model"], strict=True)
+    task.load_dataset("train")
+    dataset = task.dataset("train")
+    sample = dataset.collater([dataset[0], dataset[1]])
+    full = task.build_criterion(cfg.criterion)
+    _, exiting_cfg = parse_stage2(data_dir, tmp_path, *exits, "--sample-with-exits")
+    exiting = task.build_criterion(exiting_cfg.criterion)
+
+    full_tokens, _, _ = full.sample_captions(model, sample)
+    exit_tokens, _, _ = exiting.sample_captions(model, sample)
+    assert model.mue.mue_static_decoder_layers == 1  # the sampling left the model's exit options as they were
+    with torch.no_grad():
+        model.eval()
+        decoded = task.scst_generator.generate([model], sample)  # the model as it decodes with its exits
+    expected = [hypo["tokens"] for hypos in decoded for hypo in hypos]
+    assert len(exit_tokens) == len(expected) == 10
+    assert all(torch.equal(a, b) for a, b in zip(exit_tokens, expected))
+    assert any(a.shape != b.shape or not torch.equal(a, b) for a, b in zip(exit_tokens, full_tokens)), \
+        "layer 1 and full depth sampled the same captions: the test cannot tell them apart"
+    with torch.no_grad():
+        loss, _, logging_output = exiting(model, sample)
+    assert math.isfinite(loss.item()) and logging_output["nsentences"] == 10
+
+    _, no_exit_cfg = parse_stage2(data_dir, tmp_path, "--arch=mue_ofa_base", "--criterion=mue_layerwise_scst",
+                                  "--sample-with-exits")
+    no_exit_model = task.build_model(no_exit_cfg.model)
+    with pytest.raises(ValueError, match="--sample-with-exits samples with the model's MuE exits, but none is enabled"):
+        task.build_criterion(no_exit_cfg.criterion).sample_captions(no_exit_model, sample)
