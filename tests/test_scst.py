@@ -434,21 +434,39 @@ def test_malformed_stage2_row_is_named(caption, message, data_dir, tmp_path):
     assert f"{bad}, line 2 (id {bad_row[1]})" in str(error.value) and message in str(error.value)
 
 
-@pytest.mark.parametrize("payload, message", [
-    ({"df": {}, "ref_len": 4.0}, "missing key 'document_frequency'"),
-    ({"document_frequency": {("a",): 1.0}}, "missing key 'ref_len'"),
-    ([("a",), 1.0], "missing key 'document_frequency'"),
-])
+WRONG_PICKLES = [
+    (pickle.dumps({"df": {}, "ref_len": 4.0}), "missing key 'document_frequency'"),
+    (pickle.dumps({"document_frequency": {("a",): 1.0}}), "missing key 'ref_len'"),
+    (pickle.dumps([("a",), 1.0]), "missing key 'document_frequency'"),
+    (pickle.dumps({"document_frequency": {("a",): 1.0}, "ref_len": 4.0})[:20], "not a CIDEr-D document-frequency "
+                                                                                "pickle (pickle data was truncated)"),
+]
+
+
+@pytest.mark.parametrize("payload, message", WRONG_PICKLES, ids=["df", "no_ref_len", "list", "truncated"])
 def test_cached_tokens_pickle_of_wrong_layout_is_named(payload, message, data_dir, tmp_path):
     from fairseq import tasks
 
     path = tmp_path / "coco-train-words.p"
-    path.write_bytes(pickle.dumps(payload))
+    path.write_bytes(payload)
     _, cfg = parse_stage2(data_dir, tmp_path, f"--scst-cider-cached-tokens={path}")
     task = tasks.setup_task(cfg.task)
     with pytest.raises(ValueError) as error:
         task.build_criterion(cfg.criterion)
     assert f"--scst-cider-cached-tokens {path}" in str(error.value) and message in str(error.value)
+
+
+@pytest.mark.parametrize("payload, message", WRONG_PICKLES[::3], ids=["df", "truncated"])
+def test_validation_cached_tokens_pickle_of_wrong_layout_is_named(payload, message, data_dir, tmp_path):
+    from fairseq import tasks
+
+    path = tmp_path / "coco-valid-words.p"
+    path.write_bytes(payload)
+    _, cfg = parse_stage2(data_dir, tmp_path, f"--eval-cider-cached-tokens={path}")
+    task = tasks.setup_task(cfg.task)
+    with pytest.raises(ValueError) as error:
+        task.build_model(cfg.model)
+    assert f"--eval-cider-cached-tokens {path}" in str(error.value) and message in str(error.value)
 
 
 @pytest.mark.parametrize("scst_args, message", [
