@@ -245,7 +245,7 @@ def main(argv: Sequence[str] = None) -> Dict:
     parser.add_argument("--bpe-dir", default=os.environ.get("MUE_BPE_DIR", str(REPO.parent / "shared" / "ofa_bpe")))
     parser.add_argument("--num-train", type=int, default=1000, help="training images of the built-in task")
     parser.add_argument("--stage1-updates", type=int, default=120)
-    parser.add_argument("--stage2-updates", type=int, default=30)
+    parser.add_argument("--stage2-updates", type=int, default=15)
     parser.add_argument("--stage2-batch-size", type=int, default=8, help="images per stage-2 batch (x beam samples)")
     parser.add_argument("--stage2-lr", type=float, default=1e-4)
     parser.add_argument("--scst-args", default='{"beam":5,"max_len_b":16,"no_repeat_ngram_size":3}')
