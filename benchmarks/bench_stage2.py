@@ -137,7 +137,7 @@ def evaluate_model(checkpoint: Path, data_dir: Path, args) -> Dict:
     task.cfg.data = str(subsets["valid"])
     sweeper = Sweeper(models, task, cfg, "valid")
     grid = [parse_floats(args.thresholds)] * 3
-    chosen = sweeper.coordinate_descent(grid, args.target, rounds=1)
+    chosen = sweeper.coordinate_descent(grid, args.target, rounds=1, time_tolerance=args.time_tolerance)
     reference = sweeper.reference
 
     points = [{"policy": "full depth", "value": "", "options": {}},
@@ -255,6 +255,9 @@ def main(argv: Sequence[str] = None) -> Dict:
     parser.add_argument("--beam", type=int, default=5)
     parser.add_argument("--thresholds", default="0.9,0.8", help="values tried per stream in calibration")
     parser.add_argument("--target", type=float, default=0.96, help="share of full-depth CIDEr-D to keep on valid")
+    parser.add_argument("--time-tolerance", type=float, default=0.0,
+                        help="calibration: settings within this relative time of the fastest count as tied and the "
+                        "one with the least expected time wins (as mue_fairseq.cli.sweep's option)")
     parser.add_argument("--repeats", type=int, default=2, help="timed rounds on test (best kept)")
     parser.add_argument("--skip-training", action="store_true",
                         help="only evaluate the checkpoints already in --work-dir (error if one is missing)")
