@@ -299,7 +299,8 @@ def main(argv: Sequence[str] = None) -> Dict:
             command = stage2_command(data_dir, stage1, save_dir, variant, args, thresholds)
             results["training"][variant] = train_stage2(command, save_dir, args.stage2_updates)
         results["models"][variant] = evaluate_model(save_dir / "checkpoint_last.pt", data_dir, args)
-    results["machine"]["load_average_end"] = os.getloadavg()
+        results["machine"]["load_average_end"] = os.getloadavg()
+        write_outputs(results, Path(args.out_dir))  # after each model: an interrupted run keeps what it measured
     write_outputs(results, Path(args.out_dir))
     print(markdown(results))
     return results
