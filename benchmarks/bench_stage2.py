@@ -98,7 +98,7 @@ def train_stage2(command: List[str], save_dir: Path, updates: int) -> Dict:
     records = []
     for line in log_path.read_text().splitlines():
         parts = [part.strip() for part in line.split(" | ")]
-        if len(parts) > 3 and parts[2] in ("train_inner", "train"):  # every --log-interval updates, epoch ends
+        if len(parts) > 3 and parts[2] == "train":  # the epoch's summary: `key value` fields
             records.append({k: v for k, v in (p.split(" ", 1) for p in parts[3:] if " " in p)})
     return {"checkpoint": str(checkpoint), "train_seconds": json.loads(done.read_text())["seconds"],
             "train_log": records, "command": command[1:]}
