@@ -152,6 +152,60 @@ def test_ofa_stage2_and_el_scripts_train_validate_and_save(name, metrics, data_d
     assert any(".layers." in key for key in changed), "two updates changed no layer weight"
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.parametrize("name", ["scst", "el"])
+def test_ofa_stage2_and_el_scripts_on_two_processes_from_an_ofa_checkpoint(name, data_dir, tmp_path):
+    """OFA's stage-2 and `_el` scripts as its launcher runs them: two torchrun processes (gloo) restore
+    the OFA checkpoint, each trains on its half of the data, rank 0 validates and saves."""
+    import os
+
+    save_dir = tmp_path / "checkpoints"
+    argv = script_args(name, data_dir, save_dir) + ["--distributed-world-size=2"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
+    env.pop("MUE_CPU_DISTRIBUTED", None)  # cli.train turns CPU DDP on itself
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+         "-m", "mue_fairseq.cli.train", *argv],
+        cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-6000:]
+    # both ranks joined one group of two (torchrun's exit status 0: both ended without error);
+    # only rank 0 logs from then on
+    assert "initialized host" in log and "as rank 1" in log and "as rank 0" in log, log[-3000:]
+    assert "done training" in log, log[-3000:]
+
+    train = log_records(log, "train")
+    assert [int(r["num_updates"]) for r in train] == [1, 2], log[-3000:]
+    assert all(math.isfinite(float(r["loss"])) for r in train), train
+    if name == "scst":
+        # the 4 stage-2 images, 2 per process in one batch: 2 x 5 samples per process, 20 per update
+        assert all(int(r["nsentences"]) == 20 and float(r["score"]) > 0 for r in train), train
+    else:
+        # the 8 training captions, 4 per process in one batch of --batch-size 8
+        assert all(int(r["nsentences"]) == 8 for r in train), train
+    valid = log_records(log, "valid")
+    assert len(valid) == 2 and all(math.isfinite(float(r["cider"])) for r in valid), log[-3000:]
+
+    saved = torch.load(save_dir / "checkpoint_last.pt", map_location="cpu", weights_only=False)
+    assert saved["optimizer_history"][-1]["num_updates"] == 2
+    assert saved["cfg"]["distributed_training"]["distributed_world_size"] == 2
+    assert saved["cfg"]["criterion"]["_name"] == {"scst": "scst_reward_criterion",
+                                                  "el": "adjust_label_smoothed_encouraging_loss"}[name]
+    restored = torch.load(CHECKPOINT, map_location="cpu", weights_only=False)["model"]
+    assert saved["model"].keys() == restored.keys()
+    changed = [key for key, value in saved["model"].items()
+               if value.is_floating_point() and not torch.equal(value, restored[key])]
+    assert any(".layers." in key for key in changed), "two updates changed no layer weight"
+
+
 # --------------------------------------------------------------------------- exactness against OFA
 def build_trainer(argv: List[str]):
     """fairseq's trainer, model and criterion as `mue_fairseq.cli.train` builds them, restored."""
@@ -372,21 +426,39 @@ def test_malformed_stage2_row_is_named(caption, message, data_dir, tmp_path):
     assert f"{bad}, line 2 (id {bad_row[1]})" in str(error.value) and message in str(error.value)
 
 
-@pytest.mark.parametrize("payload, message", [
-    ({"df": {}, "ref_len": 4.0}, "missing key 'document_frequency'"),
-    ({"document_frequency": {("a",): 1.0}}, "missing key 'ref_len'"),
-    ([("a",), 1.0], "missing key 'document_frequency'"),
-])
+WRONG_PICKLES = [
+    (pickle.dumps({"df": {}, "ref_len": 4.0}), "missing key 'document_frequency'"),
+    (pickle.dumps({"document_frequency": {("a",): 1.0}}), "missing key 'ref_len'"),
+    (pickle.dumps([("a",), 1.0]), "missing key 'document_frequency'"),
+    (pickle.dumps({"document_frequency": {("a",): 1.0}, "ref_len": 4.0})[:20], "not a CIDEr-D document-frequency "
+                                                                                "pickle (pickle data was truncated)"),
+]
+
+
+@pytest.mark.parametrize("payload, message", WRONG_PICKLES, ids=["df", "no_ref_len", "list", "truncated"])
 def test_cached_tokens_pickle_of_wrong_layout_is_named(payload, message, data_dir, tmp_path):
     from fairseq import tasks
 
     path = tmp_path / "coco-train-words.p"
-    path.write_bytes(pickle.dumps(payload))
+    path.write_bytes(payload)
     _, cfg = parse_stage2(data_dir, tmp_path, f"--scst-cider-cached-tokens={path}")
     task = tasks.setup_task(cfg.task)
     with pytest.raises(ValueError) as error:
         task.build_criterion(cfg.criterion)
     assert f"--scst-cider-cached-tokens {path}" in str(error.value) and message in str(error.value)
+
+
+@pytest.mark.parametrize("payload, message", WRONG_PICKLES[::3], ids=["df", "truncated"])
+def test_validation_cached_tokens_pickle_of_wrong_layout_is_named(payload, message, data_dir, tmp_path):
+    from fairseq import tasks
+
+    path = tmp_path / "coco-valid-words.p"
+    path.write_bytes(payload)
+    _, cfg = parse_stage2(data_dir, tmp_path, f"--eval-cider-cached-tokens={path}")
+    task = tasks.setup_task(cfg.task)
+    with pytest.raises(ValueError) as error:
+        task.build_model(cfg.model)
+    assert f"--eval-cider-cached-tokens {path}" in str(error.value) and message in str(error.value)
 
 
 @pytest.mark.parametrize("scst_args, message", [
@@ -528,3 +600,43 @@ def test_layerwise_scst_is_the_weighted_sum_of_each_exits_scst_loss(data_dir, tm
     # (with weights 1,0 the last decoder layer gets no gradient)
     halves = {name: (first[1].get(name, torch.zeros_like(grad)) + last[1][name]) / 2 for name, grad in mean[1].items()}
     assert_grads_close(mean[1], halves)
+
+
+def test_layerwise_scst_samples_with_the_models_exits_when_asked(data_dir, tmp_path):
+    """--sample-with-exits: the captions are those the exiting model decodes (here every token stops
+    after decoder layer 1 of 2), not the full-depth model's; without an exit enabled it is an error."""
+    from fairseq import checkpoint_utils, tasks
+
+    exits = ["--arch=mue_ofa_base", "--criterion=mue_layerwise_scst", "--mue-exit-policy=static",
+             "--mue-static-decoder-layers=1"]
+    _, cfg = parse_stage2(data_dir, tmp_path, *exits)
+    task = tasks.setup_task(cfg.task)
+    model = task.build_model(cfg.model)
+    model.load_state_dict(checkpoint_utils.load_checkpoint_to_cpu(str(CHECKPOINT))["model"], strict=True)
+    task.load_dataset("train")
+    dataset = task.dataset("train")
+    sample = dataset.collater([dataset[0], dataset[1]])
+    full = task.build_criterion(cfg.criterion)
+    _, exiting_cfg = parse_stage2(data_dir, tmp_path, *exits, "--sample-with-exits")
+    exiting = task.build_criterion(exiting_cfg.criterion)
+
+    full_tokens, _, _ = full.sample_captions(model, sample)
+    exit_tokens, _, _ = exiting.sample_captions(model, sample)
+    assert model.mue.mue_static_decoder_layers == 1  # the sampling left the model's exit options as they were
+    with torch.no_grad():
+        model.eval()
+        decoded = task.scst_generator.generate([model], sample)  # the model as it decodes with its exits
+    expected = [hypo["tokens"] for hypos in decoded for hypo in hypos]
+    assert len(exit_tokens) == len(expected) == 10
+    assert all(torch.equal(a, b) for a, b in zip(exit_tokens, expected))
+    assert any(a.shape != b.shape or not torch.equal(a, b) for a, b in zip(exit_tokens, full_tokens)), \
+        "layer 1 and full depth sampled the same captions: the test cannot tell them apart"
+    with torch.no_grad():
+        loss, _, logging_output = exiting(model, sample)
+    assert math.isfinite(loss.item()) and logging_output["nsentences"] == 10
+
+    _, no_exit_cfg = parse_stage2(data_dir, tmp_path, "--arch=mue_ofa_base", "--criterion=mue_layerwise_scst",
+                                  "--sample-with-exits")
+    no_exit_model = task.build_model(no_exit_cfg.model)
+    with pytest.raises(ValueError, match="--sample-with-exits samples with the model's MuE exits, but none is enabled"):
+        task.build_criterion(no_exit_cfg.criterion).sample_captions(no_exit_model, sample)

@@ -2,7 +2,9 @@
 
 The captions are sampled and rewarded exactly as `scst_reward_criterion` does (the task's ``--scst``
 generator on the full-depth model, CIDEr-D against the image's references, leave-one-out
-baseline); then, as MuE's layer-wise loss does for cross-entropy, every decoder layer i predicts
+baseline), or, with ``--sample-with-exits``, by the exiting model (the model's own ``--mue-*``
+exit options, as it will decode at inference; the reward then judges the captions the exits give);
+then, as MuE's layer-wise loss does for cross-entropy, every decoder layer i predicts
 the sampled captions through the final LayerNorm and the tied output projection,
 ``decoder.output_layer(decoder.layer_norm(h_i))``, and the loss is ``sum_i w_i * SCST_i``, each
 ``SCST_i = -sum_t log p_i(y_t) * reward`` over the captions' tokens. The weights are those of
@@ -13,6 +15,7 @@ Only the non-padding positions of the sampled captions are projected onto the vo
 Logged as `scst_reward_criterion` (``loss`` is the weighted sum), plus ``loss_layer{i}``, each
 layer's own SCST loss per token (or caption).
 """
+import contextlib
 import re
 from dataclasses import dataclass, field
 from typing import List, Optional
@@ -25,7 +28,7 @@ from torch import Tensor
 from mue_fairseq.criterions.label_smoothed_ce import summed_log
 from mue_fairseq.criterions.layerwise_ce import LAYER_REDUCTIONS, decoder_layer_weights, parse_layer_weights
 from mue_fairseq.criterions.scst import ScstRewardCriterion, ScstRewardCriterionConfig
-from mue_fairseq.tasks.exit_validation import full_depth
+from mue_fairseq.tasks.exit_validation import full_depth, has_exits
 
 _LAYER_KEY = re.compile(r"^loss_layer(\d+)$")
 
@@ -42,11 +45,17 @@ class LayerwiseScstConfig(ScstRewardCriterionConfig):
         metadata={"help": "comma-separated weight of each decoder layer's SCST loss, first layer first "
                           "(0,..,0,1 is OFA's scst_reward_criterion)"},
     )
+    sample_with_exits: bool = field(
+        default=False,
+        metadata={"help": "sample the captions with the model's MuE exits (its --mue-*-threshold options) "
+                          "instead of at full depth"},
+    )
 
 
 @register_criterion("mue_layerwise_scst", dataclass=LayerwiseScstConfig)
 class LayerwiseScstCriterion(ScstRewardCriterion):
-    """Self-critical sequence training of every decoder exit, with samples from the full-depth model."""
+    """Self-critical sequence training of every decoder exit, with samples from the full-depth or the
+    exiting model."""
 
     def __init__(
         self,
@@ -57,12 +66,22 @@ class LayerwiseScstCriterion(ScstRewardCriterion):
         constraint_range: Optional[str] = None,
         layer_reduction: str = "mean",
         layer_weights: Optional[str] = None,
+        sample_with_exits: bool = False,
     ):
         super().__init__(task, scst_cider_cached_tokens, sentence_avg, ignore_prefix_size, constraint_range)
         if str(layer_reduction) not in ("mean", "sum"):
             raise ValueError(f"--layer-reduction must be mean or sum, got {layer_reduction!r}")
         self.layer_reduction = str(layer_reduction)
         self.explicit_layer_weights = parse_layer_weights(layer_weights)
+        self.sample_with_exits = sample_with_exits
+
+    def sampling_depth(self, model):
+        if not self.sample_with_exits:
+            return super().sampling_depth(model)
+        if not has_exits(model):
+            raise ValueError("--sample-with-exits samples with the model's MuE exits, but none is enabled: use an "
+                             "mue_ofa --arch and set --mue-decoder-threshold (or another --mue-* exit option)")
+        return contextlib.nullcontext()
 
     def forward(self, model, sample, update_num: int = 0, reduce: bool = True):
         if not reduce:

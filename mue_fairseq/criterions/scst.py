@@ -169,7 +169,7 @@ class ScstRewardCriterion(FairseqCriterion):
         training = model.training
         model.eval()
         try:
-            with torch.no_grad(), full_depth(model):
+            with torch.no_grad(), self.sampling_depth(model):
                 gen_out = generator.generate([model], sample)
         finally:
             model.train(training)
@@ -187,6 +187,10 @@ class ScstRewardCriterion(FairseqCriterion):
             target = utils.strip_pad(sample["target"][i], self.padding_idx)
             refs.append(self.decode(target).split(REFERENCE_SEPARATOR))
         return tokens, hyps, refs
+
+    def sampling_depth(self, model):
+        """The depth the captions are sampled at: full depth (every MuE exit off), as OFA's model has."""
+        return full_depth(model)
 
     def cider_scores(self, hyps: Sequence[str], refs: Sequence[Sequence[str]]) -> np.ndarray:
         """CIDEr-D of each caption (``len(hyps) // len(refs)`` per image) against its image's references."""

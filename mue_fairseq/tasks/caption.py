@@ -108,7 +108,10 @@ class CaptionTask(OFATask):
             from mue_fairseq.metrics.cider import CiderD
 
             # OFA's validation scorer splits the (already detokenized, punctuation-free) text on spaces.
-            self.cider_scorer = CiderD(self.cfg.eval_cider_cached_tokens, tokenize=str.split)
+            try:
+                self.cider_scorer = CiderD(self.cfg.eval_cider_cached_tokens, tokenize=str.split)
+            except (OSError, KeyError, ValueError, TypeError, AttributeError) as err:
+                raise ValueError(f"--eval-cider-cached-tokens {self.cfg.eval_cider_cached_tokens}: {err}") from err
         if self.cfg.scst:
             self.scst_generator = self.build_generator([model], Namespace(**self.scst_args))
         return model
