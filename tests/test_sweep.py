@@ -79,7 +79,8 @@ def test_threshold_lists_are_validated():
 
 def test_evaluate_command_drops_sweep_options_and_sets_thresholds():
     argv = ["data.tsv", "--path", "c.pt", "--image-thresholds", "1,0.9", "--text-thresholds=1,0.8", "--calibrate",
-            "--target", "0.99", "--reference-quality", "88.5", "--mue-image-threshold", "0.5", "--search", "coordinate", "--beam", "5",
+            "--target", "0.99", "--reference-quality", "88.5", "--mue-image-threshold", "0.5", "--search", "coordinate",
+            "--beam", "5",
             "--model-overrides", "{'bpe_dir': 'x y'}"]
     command = evaluate_command(argv, point((0.9, 0.8, 1.0), 1.0, 1.0))
     assert command == ["python", "-m", "mue_fairseq.cli.evaluate", "data.tsv", "--path", "c.pt", "--beam", "5",
