@@ -11,7 +11,7 @@ from tiny_checkpoint import LAYERS, tiny_checkpoint
 
 from mue_fairseq.cli.sweep import evaluate_command, parse_thresholds
 from mue_fairseq.cli.sweep_report import CSV_COLUMNS
-from mue_fairseq.exits.selection import SweepPoint, calibrate, pareto_front, select_fastest
+from mue_fairseq.exits.selection import SweepPoint, calibrate, meets_target, pareto_front, select_fastest
 
 
 def point(thresholds, quality, seconds, expected_reduction=0.0):
@@ -44,6 +44,22 @@ def test_calibration_picks_fastest_point_that_keeps_the_target():
     assert calibrate([full, too_lossy], full, 0.99).thresholds == full.thresholds
 
 
+def test_calibration_against_another_models_quality():
+    # after fine-tuning, the target is a fraction of the starting checkpoint's quality (90), not of
+    # the fine-tuned full depth (80)
+    full = point((1, 1, 1), 80.0, 10.0)
+    fast = point((0.5, 0.5, 0.5), 70.0, 2.0)
+    middle = point((0.9, 0.9, 0.9), 77.0, 5.0)
+    points = [full, fast, middle]
+    assert calibrate(points, full, 0.96).thresholds == middle.thresholds
+    assert calibrate(points, full, 0.85, reference_quality=90.0).thresholds == middle.thresholds  # 76.5
+    assert calibrate(points, full, 0.75, reference_quality=90.0).thresholds == fast.thresholds  # 67.5
+    # nothing keeps 0.99 x 90: full depth, which does not meet it either
+    assert calibrate(points, full, 0.99, reference_quality=90.0).thresholds == full.thresholds
+    assert not meets_target(full, full, 0.99, reference_quality=90.0)
+    assert meets_target(full, full, 0.99)
+
+
 def test_measured_ties_are_broken_by_expected_time():
     a = point((0.9, 1, 1), 80.0, 5.00, expected_reduction=0.10)
     b = point((1, 0.9, 1), 80.0, 5.05, expected_reduction=0.30)
@@ -62,7 +78,8 @@ def test_threshold_lists_are_validated():
 
 def test_evaluate_command_drops_sweep_options_and_sets_thresholds():
     argv = ["data.tsv", "--path", "c.pt", "--image-thresholds", "1,0.9", "--text-thresholds=1,0.8", "--calibrate",
-            "--target", "0.99", "--mue-image-threshold", "0.5", "--search", "coordinate", "--beam", "5",
+            "--target", "0.99", "--reference-quality", "88.5", "--mue-image-threshold", "0.5", "--search", "coordinate",
+            "--beam", "5",
             "--model-overrides", "{'bpe_dir': 'x y'}"]
     command = evaluate_command(argv, point((0.9, 0.8, 1.0), 1.0, 1.0))
     assert command == ["python", "-m", "mue_fairseq.cli.evaluate", "data.tsv", "--path", "c.pt", "--beam", "5",

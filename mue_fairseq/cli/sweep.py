@@ -10,7 +10,8 @@ and calibration of the fastest setting that keeps a quality target.
 Every evaluate option applies (beam, batch size, `--mue-kv-policy`, ...); the checkpoint is
 loaded once and the thresholds are changed in place between points. The full-depth point
 (all thresholds 1) is always measured first, after a few untimed warm-up batches, and is the
-reference of the measured speed-ups and of the quality target.
+reference of the measured speed-ups and of the quality target (`--reference-quality Q` makes the
+target a fraction of Q instead: the quality of the checkpoint a fine-tuning started from).
 
 Search: `grid` evaluates the product of the three lists; `coordinate` starts at full depth and,
 one stream at a time (image, text, decoder; `--rounds` passes), moves to the fastest value of
@@ -44,7 +45,7 @@ logger = logging.getLogger("mue_fairseq.sweep")
 SWEEP_OPTIONS = {
     "--image-thresholds": True, "--text-thresholds": True, "--decoder-thresholds": True,
     "--search": True, "--rounds": True, "--repeats": True, "--warmup-batches": True,
-    "--time-tolerance": True, "--target": True, "--calibrate": False,
+    "--time-tolerance": True, "--target": True, "--reference-quality": True, "--calibrate": False,
     "--mue-image-threshold": True, "--mue-text-threshold": True, "--mue-decoder-threshold": True,
 }
 
@@ -153,9 +154,10 @@ class Sweeper:
         return [self.evaluate(thresholds) for thresholds in combinations]
 
     def coordinate_descent(self, grid: Sequence[Sequence[float]], target: float, rounds: int = 2,
-                           time_tolerance: float = 0.0) -> SweepPoint:
-        """Per stream in turn, move to its fastest value that keeps the target; stop after `rounds`
-        passes or a pass that changes nothing. Returns the final setting."""
+                           time_tolerance: float = 0.0, reference_quality: Optional[float] = None) -> SweepPoint:
+        """Per stream in turn, move to its fastest value that keeps the target (a fraction of full
+        depth, or of `reference_quality`); stop after `rounds` passes or a pass that changes nothing.
+        Returns the final setting."""
         current = self.evaluate(FULL_DEPTH)
         for round_index in range(rounds):
             changed = False
@@ -165,7 +167,7 @@ class Sweeper:
                     thresholds = list(current.thresholds)
                     thresholds[stream_index] = float(value)
                     candidates.append(self.evaluate(thresholds))
-                chosen = calibrate(candidates, self.reference, target, time_tolerance)
+                chosen = calibrate(candidates, self.reference, target, time_tolerance, reference_quality)
                 if chosen.thresholds != current.thresholds:
                     logger.info("round %d, %s stream: %s -> %s", round_index + 1, stream, current.describe(),
                                 chosen.describe())
@@ -239,6 +241,9 @@ def add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
                        help="pick the fastest point keeping --target x full-depth quality, write it as JSON "
                             "and print the evaluate command that uses it")
     group.add_argument("--target", type=float, default=0.99, help="quality target as a fraction of full depth")
+    group.add_argument("--reference-quality", type=float, default=None,
+                       help="make --target a fraction of this quality instead of the checkpoint's full depth "
+                            "(e.g. the full-depth quality of the checkpoint a fine-tuning started from)")
 
 
 def run_sweep(args: argparse.Namespace, argv: Sequence[str], write: bool = True) -> dict:
@@ -252,6 +257,9 @@ def run_sweep(args: argparse.Namespace, argv: Sequence[str], write: bool = True)
     grid = [parse_thresholds(getattr(args, f"{stream}_thresholds"), f"--{stream}-thresholds") for stream in STREAMS]
     if not 0.0 < args.target <= 1.0:
         raise ValueError(f"--target must be in (0, 1], got {args.target}")
+    reference_quality = args.reference_quality
+    if reference_quality is not None and not (math.isfinite(reference_quality) and reference_quality > 0):
+        raise ValueError(f"--reference-quality must be a positive number, got {reference_quality}")
     if args.rounds < 1 or args.time_tolerance < 0:
         raise ValueError(f"--rounds must be >= 1 and --time-tolerance >= 0, got {args.rounds}, {args.time_tolerance}")
     for option in THRESHOLD_OPTIONS:  # load as mue_ofa whatever the checkpoint; the sweep sets them
@@ -267,25 +275,29 @@ def run_sweep(args: argparse.Namespace, argv: Sequence[str], write: bool = True)
     # rewrite the CSV after every point, so an interrupted sweep keeps what it measured
     if write:
         sweeper.on_point = lambda _: write_csv(list(sweeper.points.values()), sweeper.reference, args.target,
-                                               csv_path)
+                                               csv_path, reference_quality)
     sweeper.warm_up(args.warmup_batches)
     if args.search == "grid":
         sweeper.grid(grid)
     else:
-        sweeper.coordinate_descent(grid, args.target, args.rounds, args.time_tolerance)
+        sweeper.coordinate_descent(grid, args.target, args.rounds, args.time_tolerance, reference_quality)
     points, reference = list(sweeper.points.values()), sweeper.reference
-    chosen = calibrate(points, reference, args.target, args.time_tolerance) if args.calibrate else None
+    chosen = (calibrate(points, reference, args.target, args.time_tolerance, reference_quality)
+              if args.calibrate else None)
     output = {"csv": csv_path, "plot": plot_path, "points": points, "reference": reference, "chosen": chosen}
     if not write:
         return output
-    write_csv(points, reference, args.target, csv_path)
-    plot_pareto(points, reference, plot_path, target=args.target if args.calibrate else None, chosen=chosen)
+    write_csv(points, reference, args.target, csv_path, reference_quality)
+    plot_pareto(points, reference, plot_path, target=args.target if args.calibrate else None, chosen=chosen,
+                reference_quality=reference_quality)
     logger.info("wrote %s, %s (%d points)", csv_path, plot_path, len(points))
     if chosen is not None:
         command = evaluate_command(argv, chosen)
         calibration = {
             "subset": subset, "target": args.target, "metric": reference.metric,
             "full_depth_quality": reference.quality, "full_depth_seconds": reference.seconds,
+            "reference_quality": reference.quality if reference_quality is None else reference_quality,
+            "meets_target": meets_target(chosen, reference, args.target, reference_quality),
             "thresholds": chosen.as_options(), "quality": chosen.quality, "seconds": chosen.seconds,
             "measured_speedup": reference.seconds / chosen.seconds if chosen.seconds else None,
             "expected_reduction_layers": chosen.expected_reduction_layers,
@@ -295,10 +307,13 @@ def run_sweep(args: argparse.Namespace, argv: Sequence[str], write: bool = True)
         }
         output["calibration"] = out / f"{subset}_calibration.json"
         output["calibration"].write_text(json.dumps(calibration, indent=1))
-        logger.info("calibrated on %s: %s keeps %.2f >= %g x %.2f, %.3f s vs %.3f s full depth; wrote %s. "
+        if not calibration["meets_target"]:
+            logger.warning("no setting keeps %g x %.2f on %s, full depth included (%.2f): calibrated to full depth",
+                           args.target, calibration["reference_quality"], subset, reference.quality)
+        logger.info("calibrated on %s: %s gives %.2f (target %g x %.2f), %.3f s vs %.3f s full depth; wrote %s. "
                     "Evaluate it (on the test split: change the data file and --gen-subset) with:",
-                    subset, chosen.describe(), chosen.quality, args.target, reference.quality, chosen.seconds,
-                    reference.seconds, output["calibration"])
+                    subset, chosen.describe(), chosen.quality, args.target, calibration["reference_quality"],
+                    chosen.seconds, reference.seconds, output["calibration"])
         print(shlex.join(command), flush=True)
     return output
 

@@ -15,7 +15,8 @@ CSV_COLUMNS = (
 )
 
 
-def write_csv(points: Sequence[SweepPoint], reference: SweepPoint, target: float, path: Path) -> Path:
+def write_csv(points: Sequence[SweepPoint], reference: SweepPoint, target: float, path: Path,
+              reference_quality: Optional[float] = None) -> Path:
     """One row per point, full depth first; fronts and target computed over all points."""
     measured = {p.thresholds for p in pareto_front(points, lambda p: p.seconds)}
     expected = {p.thresholds for p in pareto_front(points, lambda p: p.expected_time)}
@@ -34,7 +35,7 @@ def write_csv(points: Sequence[SweepPoint], reference: SweepPoint, target: float
                 "expected_reduction_flops": point.expected_reduction_flops,
                 "ideal_speedup_flops": point.ideal_speedup_flops, "seconds": point.seconds,
                 "measured_speedup": reference.seconds / point.seconds if point.seconds else None,
-                "meets_target": int(meets_target(point, reference, target)),
+                "meets_target": int(meets_target(point, reference, target, reference_quality)),
                 "pareto_measured": int(point.thresholds in measured),
                 "pareto_expected": int(point.thresholds in expected),
             }))
@@ -42,7 +43,7 @@ def write_csv(points: Sequence[SweepPoint], reference: SweepPoint, target: float
 
 
 def plot_pareto(points: Sequence[SweepPoint], reference: SweepPoint, path: Path, target: Optional[float] = None,
-                chosen: Optional[SweepPoint] = None) -> Path:
+                chosen: Optional[SweepPoint] = None, reference_quality: Optional[float] = None) -> Path:
     """Quality vs measured time (left) and vs expected time (right), Pareto fronts highlighted."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -66,8 +67,9 @@ def plot_pareto(points: Sequence[SweepPoint], reference: SweepPoint, path: Path,
         axes.scatter([time(reference)], [reference.quality], marker="s", s=50, color="black", label="full depth",
                      zorder=3)
         if target is not None:
-            axes.axhline(target * reference.quality, linestyle="--", color="tab:green", linewidth=1,
-                         label=f"target {target:g} x full")
+            base = reference.quality if reference_quality is None else reference_quality
+            axes.axhline(target * base, linestyle="--", color="tab:green", linewidth=1,
+                         label=f"target {target:g} x {'full' if reference_quality is None else f'{base:.2f}'}")
         if chosen is not None:
             axes.scatter([time(chosen)], [chosen.quality], marker="*", s=160, color="gold", edgecolors="black",
                          label="calibrated", zorder=4)

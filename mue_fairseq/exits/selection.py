@@ -47,12 +47,16 @@ class SweepPoint:
 
 
 def keeps_target(quality: float, reference_quality: float, target: float) -> bool:
-    """`quality` is at least `target` x the full-depth `reference_quality`."""
+    """`quality` is at least `target` x `reference_quality` (full depth's, or another model's)."""
     return quality >= target * reference_quality
 
 
-def meets_target(point: SweepPoint, reference: SweepPoint, target: float) -> bool:
-    return keeps_target(point.quality, reference.quality, target)
+def meets_target(point: SweepPoint, reference: SweepPoint, target: float,
+                 reference_quality: Optional[float] = None) -> bool:
+    """Quality at least `target` x the full-depth quality, or x `reference_quality` when given (the
+    quality of another model, e.g. the checkpoint a fine-tuning started from)."""
+    base = reference.quality if reference_quality is None else reference_quality
+    return keeps_target(point.quality, base, target)
 
 
 def select_fastest(points: Sequence[SweepPoint], time_tolerance: float = 0.0) -> SweepPoint:
@@ -66,9 +70,10 @@ def select_fastest(points: Sequence[SweepPoint], time_tolerance: float = 0.0) ->
 
 
 def calibrate(points: Sequence[SweepPoint], reference: SweepPoint, target: float,
-              time_tolerance: float = 0.0) -> SweepPoint:
-    """The fastest point that keeps `target` x the reference's quality (the reference always does)."""
-    feasible = [point for point in points if meets_target(point, reference, target)]
+              time_tolerance: float = 0.0, reference_quality: Optional[float] = None) -> SweepPoint:
+    """The fastest point that keeps `target` x the reference's quality (or x `reference_quality`);
+    the reference (full depth) when none does."""
+    feasible = [point for point in points if meets_target(point, reference, target, reference_quality)]
     return select_fastest(feasible or [reference], time_tolerance)
 
 

@@ -1,0 +1,63 @@
+"""The journey benchmark's pieces that need no peer environment: calibration targets, the runs it
+times and its argument checks (no timing here)."""
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_journey.py"
+
+
+@pytest.fixture(scope="module")
+def journey():
+    spec = importlib.util.spec_from_file_location("bench_journey", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_targets_are_fractions_of_the_start_quality(journey):
+    assert journey.target_name(0.99) == "mue99" and journey.target_name(0.96) == "mue96"
+    wanted = journey.calibration_targets(120.0, [0.99, 0.96])
+    assert wanted == pytest.approx({"mue99": 118.8, "mue96": 115.2})
+    with pytest.raises(ValueError, match="reference quality"):
+        journey.calibration_targets(0.0, [0.96])
+
+
+def test_runs_compare_the_start_with_the_tuned_checkpoint_at_each_target(journey):
+    thresholds = {"mue99": {"mue_image_threshold": 1.0, "mue_text_threshold": 0.95, "mue_decoder_threshold": 0.9},
+                  "mue96": {"mue_image_threshold": 0.9, "mue_text_threshold": 0.9, "mue_decoder_threshold": 0.8}}
+    runs = {name: rest for name, *rest in journey.configurations([0.99, 0.96], thresholds, [1, 16], authors=True)}
+    # the reference: OFA's evaluate.py on the start at its batch size, no MuE options
+    assert runs["ofa_start_b16"] == ["ofa", 16, None, "start"]
+    assert runs["ours_start_full_b16"] == ["ours", 16, {}, "start"]
+    assert runs["ours_tuned_full_b16"][2] == journey.FULL_DEPTH
+    assert runs["ours_tuned_mue96_b1"] == ["ours", 1, thresholds["mue96"], "tuned"]
+    assert runs["ours_tuned_mue99_b16"] == ["ours", 16, thresholds["mue99"], "tuned"]
+    # the authors' code takes (image, text, decoder) at their batch size 1
+    assert runs["authors_tuned_mue96_b1"] == ["authors", 1, (0.9, 0.9, 0.8), "tuned"]
+    assert len(runs) == 3 + 2 * 3
+    without = [c[0] for c in journey.configurations([0.96], thresholds, [16], authors=False)]
+    assert without == ["ofa_start_b16", "ours_start_full_b16", "ours_tuned_full_b16", "ours_tuned_mue96_b16"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--targets", "1.2"], "--targets must be fractions"),
+    (["--targets", "0.961", "0.958"], "differ in whole percent"),
+    (["--repeats", "0"], "--repeats"),
+    (["--redo", "everything"], "invalid choice"),
+])
+def test_bad_arguments_are_refused(journey, capsys, argv, message):
+    with pytest.raises(SystemExit):
+        journey.parse_args(argv)
+    assert message in capsys.readouterr().err
+
+
+def test_verdict_names_runs_that_miss_the_target(journey):
+    rows = [{"run": "ours_tuned_mue96_b16", "wall_s": 1.0, "speedup_vs_ofa": 1.62, "of_start_cider": 0.97},
+            {"run": "ours_tuned_mue96_b1", "wall_s": 2.0, "speedup_vs_ofa": 1.1, "of_start_cider": 0.965},
+            {"run": "ours_tuned_mue99_b16", "wall_s": 1.0, "speedup_vs_ofa": 2.0, "of_start_cider": 0.99}]
+    lines = journey.verdict(rows, [0.96])
+    assert len(lines) == 2
+    assert "1.62x OFA" in lines[0] and "(met" in lines[0]
+    assert "1.10x OFA" in lines[1] and "(missed" in lines[1]
