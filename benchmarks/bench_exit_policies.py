@@ -825,7 +825,6 @@ def main(argv: Optional[List[str]] = None) -> Dict:
         parser.error(f"--tasks: unknown task(s) {', '.join(unknown)}; choose from {', '.join(TARGETS)}")
 
     from data_utils.synthetic import build_synthetic_task
-    from mue_fairseq.cli import quickstart
     from mue_fairseq.data.ofa_bpe import check_bpe_dir
 
     check_bpe_dir(args.bpe_dir)

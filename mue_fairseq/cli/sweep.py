@@ -36,7 +36,8 @@ import torch
 
 from mue_fairseq.cli.sweep_report import CSV_COLUMNS, plot_pareto, write_csv
 from mue_fairseq.exits.selection import (
-    FULL_DEPTH, STREAMS, THRESHOLD_OPTIONS, SweepPoint, Thresholds, calibrate, pareto_front, select_fastest,
+    FULL_DEPTH, STREAMS, THRESHOLD_OPTIONS, SweepPoint, Thresholds, calibrate, meets_target, pareto_front,
+    select_fastest,
 )
 
 logger = logging.getLogger("mue_fairseq.sweep")
