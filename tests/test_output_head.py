@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mue_fairseq.ofa.model import OFAModel
-from tests.tiny_models import TinyTask, tiny_args, tiny_dictionary
+from tiny_models import TinyTask, tiny_args, tiny_dictionary
 
 
 @pytest.mark.parametrize("frozen", [False, True])
