@@ -151,11 +151,14 @@ def vg_train_environment(bench_task: str, data_dir: Path, save_dir: Path, update
     arch = model_args[model_args.index("--arch") + 1]
     del model_args[model_args.index("--arch"):model_args.index("--arch") + 2]
     size = model_args[model_args.index("--patch-image-size") + 1]
-    extra = model_args + ["--max-update", str(updates), "--disable-validation", "--no-epoch-checkpoints",
+    # the run scripts schedule by --warmup-ratio over --max-epoch (OFA's way); these runs are counted in
+    # updates, so the ratio is off and the schedule is given in updates
+    extra = model_args + ["--max-update", str(updates), "--total-num-update", str(updates),
+                          "--warmup-updates", str(max(updates // 10, 1)), "--disable-validation", "--no-epoch-checkpoints",
                           "--sampled-intermediate-layers", "2", "--seed", "1", *backbone_args]
     env = {
         "arch": arch, "restore_file": "", "lr": "1e-3", "batch_size": str(batch_size), "update_freq": "1",
-        "max_epoch": "100", "total_num_update": str(updates), "warmup_updates": str(max(updates // 10, 1)),
+        "max_epoch": "100", "warmup_ratio": "0",
         "patch_image_size": size, "bpe_dir": bpe_dir, "save_path": str(save_dir), "log_dir": str(save_dir),
         "log_file": str(save_dir / "train.log"), "selected_cols": spec["selected_cols"],
         "data": f"{data_dir / (spec['prefix'] + '_train.tsv')},{data_dir / (spec['prefix'] + '_valid.tsv')}",

@@ -111,12 +111,13 @@ def finetune(args, work: Path, start: Path, data: Path) -> Path:
                "restore_file": str(start), "arch": "mue_ofa_tiny", "save_path": str(save),
                "log_dir": str(work / "logs"), "log_file": str(work / "logs" / "finetune_fairseq.log"),
                "bpe_dir": str(args.bpe_dir), "lr": str(args.finetune_lr), "batch_size": "16", "update_freq": "1",
-               "max_epoch": "100", "total_num_update": str(updates), "warmup_updates": str(max(updates // 10, 1)),
+               "max_epoch": "100", "warmup_ratio": "0",  # scheduled in updates (extra_args), not epochs
                "patch_image_size": "64", "dropout": "0.0", "encoder_drop_path_rate": "0.0",
                "decoder_drop_path_rate": "0.0", "drop_worst_ratio": "0.0",
                "save_interval_updates": str(updates), "validate_interval_updates": str(updates),
                "MASTER_PORT": str(args.master_port),
-               "extra_args": f"{MODEL_ARGS} --max-update {updates} --seed 1"}
+               "extra_args": f"{MODEL_ARGS} --max-update {updates} --total-num-update {updates} "
+                             f"--warmup-updates {max(updates // 10, 1)} --seed 1"}
         run_logged(["bash", REPO / "run_scripts" / "caption" / "train_caption_mue.sh"],
                    work / "logs" / "finetune.log", env=env)
     return checkpoint

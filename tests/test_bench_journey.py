@@ -61,3 +61,27 @@ def test_verdict_names_runs_that_miss_the_target(journey):
     assert len(lines) == 2
     assert "1.62x OFA" in lines[0] and "(met" in lines[0]
     assert "1.10x OFA" in lines[1] and "(missed" in lines[1]
+
+
+def test_finetuning_is_scheduled_in_updates_through_the_run_script(journey, tmp_path, monkeypatch):
+    """The run script schedules by --warmup-ratio over --max-epoch; the journey's fine-tuning is
+    counted in updates, so it turns the ratio off and gives total and warm-up updates itself."""
+    import argparse
+    import os
+    import shlex
+    import subprocess
+
+    calls = []
+    monkeypatch.setattr(journey, "run_logged", lambda command, log, env: calls.append((command, env)))
+    args = argparse.Namespace(redo=["finetune"], finetune_updates=200, finetune_lr=5e-4, bpe_dir="bpe",
+                              master_port=1234)
+    data = tmp_path / "data"
+    data.mkdir()
+    journey.finetune(args, tmp_path, tmp_path / "start.pt", data)
+    (command, env), = calls
+    dry = subprocess.run([str(c) for c in command], env={**os.environ, **env, "DRY_RUN": "1"},
+                         capture_output=True, text=True, check=True)
+    argv = shlex.split(dry.stdout.strip().splitlines()[-1])
+    assert "--warmup-ratio=0" in argv
+    assert argv[argv.index("--total-num-update") + 1] == "200" and argv[argv.index("--warmup-updates") + 1] == "20"
+    assert argv[argv.index("--max-update") + 1] == "200" and "--restore-file=" + str(tmp_path / "start.pt") in argv

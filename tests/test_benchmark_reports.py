@@ -373,7 +373,8 @@ def test_vqa_grounding_training_goes_through_the_run_script(bench, tmp_path, mon
     extra = env["extra_args"].split()
     assert extra[extra.index("--finetune-from-model") + 1] == "/models/vqa.pt"
     assert extra[extra.index("--max-update") + 1] == "7" and extra[extra.index("--max-image-size") + 1] == "64"
-    assert env["restore_file"] == "" and env["total_num_update"] == "7"
+    assert env["restore_file"] == "" and env["warmup_ratio"] == "0"
+    assert extra[extra.index("--total-num-update") + 1] == "7" and extra[extra.index("--warmup-updates") + 1] == "1"
     assert checkpoint.parent.name.startswith("checkpoints_refcoco_7_from_")
     assert (checkpoint.parent / "trained_7_updates").exists()
     checkpoint.write_bytes(b"")  # what the run script would have written: a second run reuses it
