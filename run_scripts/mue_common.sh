@@ -119,6 +119,13 @@ check_data() {
 # dropout attention_dropout lr max_epoch warmup_ratio max_src_length max_tgt_length num_bins
 # patch_image_size; the script's own options follow them, then extra_args (the environment's).
 mue_train() {
+  if [ -n "${total_num_update:-}${warmup_updates:-}" ]; then
+    # read by these scripts before they scheduled by --warmup-ratio; ignoring them would change the run
+    echo "total_num_update / warmup_updates are not read: the schedule comes from warmup_ratio and" \
+      "max_epoch (OFA's --warmup-ratio); to give it in updates set warmup_ratio=0 and" \
+      "extra_args=\"--total-num-update N --warmup-updates W\"" >&2
+    return 2
+  fi
   if [ "${DRY_RUN:-0}" != "1" ]; then
     check_data "${data}" || return 1
   fi

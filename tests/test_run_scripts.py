@@ -163,6 +163,14 @@ def test_train_script_without_training_data_fails_clearly(data, message, tmp_pat
     assert not (tmp_path / "ckpt").exists()
 
 
+
+@pytest.mark.parametrize("variable", ["total_num_update", "warmup_updates"])
+def test_train_script_refuses_the_schedule_variables_it_no_longer_reads(variable, tmp_path):
+    env = {"PATH": no_gpu_path(tmp_path), variable: "100", "DRY_RUN": "1"}
+    result = run_script(SCRIPTS / "snli_ve" / "train_snli_ve_mue.sh", env, check=False)
+    assert result.returncode == 2
+    assert "set warmup_ratio=0" in result.stderr and "--total-num-update" in result.stderr
+
 # ----------------------------------------------------------------------------- evaluation and sweeps
 def test_caption_evaluate_and_sweep_commands(tmp_path):
     env = {"PATH": no_gpu_path(tmp_path), "data_dir": "/data/caption", "path": "/ckpt/c.pt"}
