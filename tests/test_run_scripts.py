@@ -72,7 +72,7 @@ def write_rows(path: Path, count: int) -> Path:
 # ----------------------------------------------------------------------------- syntax
 @pytest.mark.parametrize("script", [SCRIPTS / "mue_common.sh", *MUE_SCRIPTS], ids=lambda p: p.name)
 def test_scripts_parse(script):
-    assert len(MUE_SCRIPTS) == 13
+    assert len(MUE_SCRIPTS) == 14
     result = subprocess.run([BASH, "-n", str(script)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
 
@@ -170,6 +170,34 @@ def test_train_script_refuses_the_schedule_variables_it_no_longer_reads(variable
     result = run_script(SCRIPTS / "snli_ve" / "train_snli_ve_mue.sh", env, check=False)
     assert result.returncode == 2
     assert "set warmup_ratio=0" in result.stderr and "--total-num-update" in result.stderr
+
+
+def test_caption_journey_script_chains_reference_finetune_calibrate_evaluate(tmp_path):
+    script = SCRIPTS / "caption" / "journey_caption_mue.sh"
+    env = {"PATH": no_gpu_path(tmp_path), "start": "/ckpt/ofa.pt", "data_dir": "/data/c", "work_dir": "/w",
+           "DRY_RUN": "1"}
+    result = run_script(script, env)
+    reference, finetune, sweep, evaluate = [shlex.split(line) for line in result.stdout.strip().splitlines()]
+    # the start as OFA computes it: no MuE option, so OFA's model
+    assert reference[2:4] == ["mue_fairseq.cli.evaluate", "/data/c/caption_val.tsv"]
+    assert option(reference, "--path") == "/ckpt/ofa.pt" and not any(t.startswith("--mue-") for t in reference)
+    assert option(finetune, "--restore-file") == "/ckpt/ofa.pt" and option(finetune, "--criterion") == "mue_layerwise_ce"
+    assert option(finetune, "--save-dir") == "/w/tuned"
+    assert sweep[2] == "mue_fairseq.cli.sweep" and option(sweep, "--path") == "/w/tuned/checkpoint_best.pt"
+    assert sweep[sweep.index("--reference-quality") + 1] == "REFERENCE" and option(sweep, "--target") == "0.96"
+    assert evaluate[3] == "/data/c/caption_test.tsv" and option(evaluate, "--results-path") == "/w/test"
+
+    done = tmp_path / "w"
+    (done / "reference").mkdir(parents=True)
+    (done / "reference" / "val_scores.json").write_text(json.dumps({"cider_d": 123.5}))
+    result = run_script(script, {**env, "work_dir": str(done), "steps": "calibrate"})
+    sweep = shlex.split(result.stdout.strip())
+    assert sweep[sweep.index("--reference-quality") + 1] == "123.5"
+
+    result = run_script(script, {**env, "DRY_RUN": "0", "steps": "reference"}, check=False)
+    assert result.returncode == 2 and "start=/ckpt/ofa.pt: no such checkpoint" in result.stderr
+    result = run_script(script, {**env, "start": "", "DRY_RUN": "0"}, check=False)
+    assert result.returncode != 0 and "set start=" in result.stderr
 
 # ----------------------------------------------------------------------------- evaluation and sweeps
 def test_caption_evaluate_and_sweep_commands(tmp_path):
