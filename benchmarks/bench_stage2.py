@@ -311,6 +311,7 @@ def plot(evaluations: Dict, path: Path, title: str = None, titles: Dict[str, str
         depths = sorted(ev["cider_by_decoder_depth"], key=int)
         axes.plot([int(k) for k in depths], [ev["cider_by_decoder_depth"][k] for k in depths], "-o", markersize=4,
                   label=titles[name])
+    axes.set_xticks(range(1, max(ev["decoder_layers"] for ev in evaluations.values()) + 1))
     axes.set_xlabel("decoder exit depth (every token)")
     axes.set_ylabel("CIDEr-D (test)")
     axes.set_title(title or BUILTIN_TITLE, fontsize=9)
