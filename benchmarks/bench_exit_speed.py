@@ -424,6 +424,27 @@ def _target_mark(ratio: float, target: float) -> str:
     return " (met)" if ratio >= target else f" (**< {target}**)"
 
 
+def _speedup_rows(result: dict, cpu: bool) -> List[str]:
+    """The speed-up table's rows, per batch and part: full depth against the exits (forced or
+    replayed), per sample (a batch's `rows`: samples per timed round), with the target marks."""
+    lines = []
+    for b in result["batches"]:
+        n, rows, target = b["batch_size"], b.get("rows", b["batch_size"]), b["target_ratio"]
+        for part in PARTS:
+            wall, cpu_time = b["speedup"]["wall"][part], b["speedup"]["cpu"][part]
+            mark = _target_mark(wall["ratio"], target) if part == "total" else ""
+            row = (
+                f"| {n} | {part} | {1000 * b['median_seconds']['wall']['mue_full'][part] / rows:.1f} | "
+                f"{1000 * b['median_seconds']['wall']['mue_exit'][part] / rows:.1f} | {wall['measured']:.2f}x | "
+                f"{wall['ideal']:.2f}x | {wall['ratio']:.2f}{mark} |"
+            )
+            if cpu:
+                mark = _target_mark(cpu_time["ratio"], target) if part == "total" else ""
+                row += f" {cpu_time['measured']:.2f}x | {cpu_time['ratio']:.2f}{mark} |"
+            lines.append(row)
+    return lines
+
+
 def markdown(result: dict) -> str:
     """The generated part of the BENCHMARKS.md section."""
     setting, env = result["setting"], result["environment"]
@@ -450,20 +471,7 @@ def markdown(result: dict) -> str:
         + (" CPU-time speed-up | CPU-time / ideal |" if cpu else ""),
         "|---:|---|---:|---:|---:|---:|---:|" + ("---:|---:|" if cpu else ""),
     ]
-    for b in result["batches"]:
-        n, target = b["batch_size"], b["target_ratio"]
-        for part in PARTS:
-            wall, cpu_time = b["speedup"]["wall"][part], b["speedup"]["cpu"][part]
-            mark = _target_mark(wall["ratio"], target) if part == "total" else ""
-            row = (
-                f"| {n} | {part} | {1000 * b['median_seconds']['wall']['mue_full'][part] / n:.1f} | "
-                f"{1000 * b['median_seconds']['wall']['mue_exit'][part] / n:.1f} | {wall['measured']:.2f}x | "
-                f"{wall['ideal']:.2f}x | {wall['ratio']:.2f}{mark} |"
-            )
-            if cpu:
-                mark = _target_mark(cpu_time["ratio"], target) if part == "total" else ""
-                row += f" {cpu_time['measured']:.2f}x | {cpu_time['ratio']:.2f}{mark} |"
-            lines.append(row)
+    lines += _speedup_rows(result, cpu)
     lines += [
         "",
         "**Overhead of the MuE code path** with every threshold at 1 (`mue_full`) against the plain OFA core "
@@ -546,20 +554,7 @@ def markdown_replay(result: dict) -> str:
         + (" CPU-time speed-up | CPU-time / ideal |" if cpu else ""),
         "|---:|---|---:|---:|---:|---:|---:|" + ("---:|---:|" if cpu else ""),
     ]
-    for b in result["batches"]:
-        n, rows, target = b["batch_size"], b["rows"], b["target_ratio"]
-        for part in PARTS:
-            wall, cpu_time = b["speedup"]["wall"][part], b["speedup"]["cpu"][part]
-            mark = _target_mark(wall["ratio"], target) if part == "total" else ""
-            row = (
-                f"| {n} | {part} | {1000 * b['median_seconds']['wall']['mue_full'][part] / rows:.1f} | "
-                f"{1000 * b['median_seconds']['wall']['mue_exit'][part] / rows:.1f} | {wall['measured']:.2f}x | "
-                f"{wall['ideal']:.2f}x | {wall['ratio']:.2f}{mark} |"
-            )
-            if cpu:
-                mark = _target_mark(cpu_time["ratio"], target) if part == "total" else ""
-                row += f" {cpu_time['measured']:.2f}x | {cpu_time['ratio']:.2f}{mark} |"
-            lines.append(row)
+    lines += _speedup_rows(result, cpu)
     lines += [""]
     for b in result["batches"]:
         taken = b["mean_exit_layers"]["mue_exit"]
