@@ -32,7 +32,7 @@ FROZEN_TRAIN=$ROOT/tools/ofa_train_frozen_resnet.py
 INTEROP=$ROOT/tools/ofa_harness/interop_checkpoint.py
 BPE_DIR=${MUE_BPE_DIR:-$ROOT/../shared/ofa_bpe}
 OUR_PY=${PYTHON:-$ROOT/.venv/bin/python}
-[ -x "$OUR_PY" ] || OUR_PY=/work/main/.venv/bin/python
+[ -x "$OUR_PY" ] || OUR_PY=python3  # no venv in this checkout: the python on PATH
 # OFA imports g2p_en (speech tasks) at start-up, which needs NLTK's cmudict: set NLTK_DATA to a folder holding it.
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 PYTHONDONTWRITEBYTECODE=1
 

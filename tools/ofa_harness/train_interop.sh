@@ -12,7 +12,7 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 OUT=${1:-$ROOT/work_dirs/ofa_harness/interop}
 PY=${PYTHON:-$ROOT/.venv/bin/python}
-[ -x "$PY" ] || PY=/work/main/.venv/bin/python
+[ -x "$PY" ] || PY=python3  # no venv in this checkout: the python on PATH
 BPE_DIR=${MUE_BPE_DIR:-$ROOT/../shared/ofa_bpe}
 UPDATES=${UPDATES:-300}
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 PYTHONPATH=$ROOT

@@ -15,7 +15,7 @@ ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 OUT=$(mkdir -p "${1:-$ROOT/work_dirs/ofa_harness/ofa_caption}" && cd "${1:-$ROOT/work_dirs/ofa_harness/ofa_caption}" && pwd)
 PEER=${OFA_PEER_DIR:-$ROOT/work_dirs/ofa_peer}
 PY=${PYTHON:-$ROOT/.venv/bin/python}
-[ -x "$PY" ] || PY=/work/main/.venv/bin/python
+[ -x "$PY" ] || PY=python3  # no venv in this checkout: the python on PATH
 UPDATES=${UPDATES:-400}
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 NLTK_DATA=$PEER/nltk_data
 [ -f "$OUT/data/caption_test.tsv" ] || (cd "$ROOT" && PYTHONPATH=$ROOT "$PY" -m data_utils.synthetic_task \

@@ -10,7 +10,7 @@ ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 OUT=$(mkdir -p "${1:-$ROOT/work_dirs/ofa_harness/ofa_snli_ve}" && cd "${1:-$ROOT/work_dirs/ofa_harness/ofa_snli_ve}" && pwd)
 PEER=${OFA_PEER_DIR:-$ROOT/work_dirs/ofa_peer}
 PY=${PYTHON:-$ROOT/.venv/bin/python}
-[ -x "$PY" ] || PY=/work/main/.venv/bin/python
+[ -x "$PY" ] || PY=python3  # no venv in this checkout: the python on PATH
 UPDATES=${UPDATES:-600}
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 NLTK_DATA=$PEER/nltk_data
 [ -f "$OUT/data/snli_ve_test.tsv" ] || (cd "$ROOT" && PYTHONPATH=$ROOT "$PY" -m data_utils.synthetic_task \
