@@ -128,14 +128,23 @@ def policy_settings(num_layers: int, entropies: Sequence[float], patiences: Sequ
     return points
 
 
-def vg_data(work: Path, num_train: int) -> Path:
-    """The built-in VQA and grounding TSVs in `work`/data_vqa_grounding (written when absent)."""
+def vg_data_dir(work: Path, vqa_levels: Sequence[int]) -> Path:
+    """Where the built-in VQA and grounding TSVs of these question levels live in `work`."""
+    from data_utils.synthetic_vqa_grounding import DEFAULT_VQA_LEVELS
+
+    if tuple(vqa_levels) == DEFAULT_VQA_LEVELS:
+        return work / "data_vqa_grounding"
+    return work / ("data_vqa_grounding_levels_" + "".join(map(str, vqa_levels)))
+
+
+def vg_data(work: Path, num_train: int, vqa_levels: Sequence[int]) -> Path:
+    """The built-in VQA and grounding TSVs in `work` (written when absent)."""
     from data_utils.synthetic_vqa_grounding import build_vqa_grounding_task
 
-    data_dir = work / "data_vqa_grounding"
+    data_dir = vg_data_dir(work, vqa_levels)
     if not (data_dir / "vqa_ans2label.pkl").exists():
         build_vqa_grounding_task(str(data_dir), seed=1, num_train=num_train, num_valid=200, num_test=300,
-                                 questions_per_image=2, expressions_per_image=2)
+                                 questions_per_image=2, expressions_per_image=2, vqa_levels=vqa_levels)
     return data_dir
 
 
@@ -183,6 +192,11 @@ def vg_train(bench_task: str, work: Path, data_dir: Path, bpe_dir: str, args) ->
     spec = VG_TASKS[bench_task]
     backbone = quickstart.pretrain_backbone(work, work / "data", args.pretrain_backbone_steps)
     save_dir = work / f"checkpoints_{spec['task']}_{args.updates}"
+    if spec["task"] == "vqa_gen" and data_dir.name != "data_vqa_grounding":  # other question levels
+        save_dir = save_dir.with_name(save_dir.name + data_dir.name[len("data_vqa_grounding"):])
+    if args.freeze_encoder_layers_updates > 0:  # the picture survives the encoder's first updates
+        backbone = backbone + quickstart.hold_encoder(args.freeze_encoder_layers_updates)
+        save_dir = save_dir.with_name(save_dir.name + f"_hold{args.freeze_encoder_layers_updates}")
     if args.finetune_from_model:  # OFA's way: start from a model that already reads the pictures
         import hashlib
 
@@ -411,7 +425,7 @@ def sweep_task(task: str, work: Path, data_dir: Path, bpe_dir: str, args) -> Lis
     from mue_fairseq.cli import quickstart
 
     if task in VG_TASKS:
-        vg_dir = vg_data(work, args.num_train_vqa_grounding)
+        vg_dir = vg_data(work, args.num_train_vqa_grounding, args.vqa_levels)
         checkpoint = vg_train(task, work, vg_dir, bpe_dir, args)
         if args.train_only:
             return []
@@ -530,11 +544,11 @@ def summarise(rows: List[Dict]) -> Dict:
     return summary
 
 
-def train_file(task: str, work: Path, data_dir: Path) -> Path:
+def train_file(task: str, work: Path, data_dir: Path, vqa_levels: Sequence[int] = (1, 2, 3)) -> Path:
     from mue_fairseq.cli import quickstart
 
     if task in VG_TASKS:
-        return work / "data_vqa_grounding" / f"{VG_TASKS[task]['prefix']}_train.tsv"
+        return vg_data_dir(work, vqa_levels if task.startswith("vqa") else (1, 2, 3)) / f"{VG_TASKS[task]['prefix']}_train.tsv"
     return data_dir / quickstart.TASKS[task]["files"][0]
 
 
@@ -699,7 +713,8 @@ def vg_markdown(task: str, task_summary: Dict, rows: Sequence[Dict]) -> List[str
     lines = ["Trivial baselines on the same rows (no picture needed): " + "; ".join(
         f"{name} {value:.2f}" for name, value in (full.get("trivial_baselines") or {}).items())
         + f"; the model at full depth {full['quality']:.2f}.", ""]
-    level_names = ("1 colour / yes-no, 2 how many shapes, 3 how many of a colour" if task.startswith("vqa")
+    level_names = ("1 colour / yes-no, 2 how many shapes, 3 how many of a colour, 4 relation of two shapes"
+                   if task.startswith("vqa")
                    else "1 'the circle', 2 'the red circle', 3 size, colour, shape and position")
     chosen = [("full depth", full), ("static half depth", first["static_half"]),
               ("MuE at the target", first["mue_best"])]
@@ -784,6 +799,10 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     parser.add_argument("--num-train-vqa-grounding", type=int, default=4000,
                         help="training images of the built-in VQA / grounding data (2 questions and 2 "
                         "expressions each), when --work-dir has none yet")
+    parser.add_argument("--vqa-levels", default="1,2,3",
+                        help="question levels of the built-in VQA data (data_utils.synthetic_vqa_grounding "
+                        "--vqa-levels; 4 = relations of two shapes); other than 1,2,3 the data and VQA models "
+                        "get their own folders in --work-dir")
     parser.add_argument("--train-only", action="store_true", help="train (or find) the models and stop")
     parser.add_argument("--reuse-checkpoints", action="store_true",
                         help="VQA / grounding: evaluate the models an earlier run trained in --work-dir; "
@@ -808,6 +827,10 @@ def main(argv: Optional[List[str]] = None) -> Dict:
                         "several files (e.g. one per task) are merged")
     args = parser.parse_args(argv)
     args.batch_sizes = [int(v) for v in args.batch_sizes.split(",")]
+    try:
+        args.vqa_levels = tuple(int(v) for v in args.vqa_levels.split(","))
+    except ValueError:
+        parser.error(f"--vqa-levels {args.vqa_levels!r}: give comma-separated levels, e.g. 1,2,3,4")
     if args.repeats < 1:
         parser.error(f"--repeats must be >= 1, got {args.repeats}")
     if args.finetune_from_model and not Path(args.finetune_from_model).is_file():
@@ -850,7 +873,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
             os.environ.get("OMP_NUM_THREADS", "?"), " ".join(argv if argv is not None else sys.argv[1:])),
         "model": "d=128, 6+6 layers, resnet18 at 64 px, vocabulary 59,457; "
                  f"{args.updates} updates of {args.train_batch_size} per task on "
-                 + ", ".join(f"{count_lines(train_file(task, work, data_dir)):,} {task} rows"
+                 + ", ".join(f"{count_lines(train_file(task, work, data_dir, args.vqa_levels)):,} {task} rows"
                              for task in args.tasks.split(","))
                  + ("; VQA / grounding trained with their run scripts (run_scripts/vqa, run_scripts/refcoco; "
                     "the command is in the checkpoint folder's train_command.txt), no restore file, lr 1e-3"

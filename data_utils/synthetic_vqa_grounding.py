@@ -5,7 +5,9 @@ The scenes of `synthetic_task` know every shape, colour, size and position, so t
 * ``vqa_gen_{split}.tsv``: question id, image id, question, answers (``1.0|!+answer``), object
   labels (``&&``-joined shapes), image (OFA's ``--selected-cols 0,5,2,3,4``), with questions of three
   levels: 1 "what color is the star?" / "is there a blue square?", 2 "how many shapes are there?",
-  3 "how many red shapes are there?"; ``vqa_ans2label.pkl`` (and ``.json``) hold every possible answer;
+  3 "how many red shapes are there?", 4 (relations, only with ``--vqa-levels``) "is the star left of
+  the circle?" / "is the star above the circle?"; ``vqa_ans2label.pkl`` (and ``.json``) hold every
+  possible answer;
 * ``refcoco_{split}.tsv``: uniq id (``image_k``), image id, referring expression, box
   ``x0,y0,x1,y1`` in pixels, image (``--selected-cols 0,4,2,3``), with expressions of three levels:
   1 "the circle", 2 "the red circle", 3 "the large red circle on the left". Shapes are unique
@@ -22,7 +24,7 @@ import json
 import os
 import pickle
 import random
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from PIL import Image
 
@@ -42,6 +44,8 @@ COLOR_WORDS = tuple(sorted(COLORS)) + (HOLLOW,)
 MAX_COUNT = len(SHAPES)
 # Every answer a synthetic question can have: the candidate set (OFA's ans2label).
 VQA_ANSWERS = ("no", "yes") + COLOR_WORDS + tuple(str(n) for n in range(MAX_COUNT + 1))
+VQA_LEVELS = (1, 2, 3, 4)
+DEFAULT_VQA_LEVELS = (1, 2, 3)
 
 
 def object_box(obj: SceneObject, image_size: int) -> Tuple[float, float, float, float]:
@@ -81,6 +85,11 @@ def vqa_question(scene: Scene, level: int, rng: random.Random) -> Tuple[str, str
         return f"is there {_article(color + ' ' + shape)}?", answer
     if level == 2:
         return "how many shapes are there?", str(len(scene.objects))
+    if level == 4:  # a relation between two objects: both must be found, then their cells compared
+        first, second = rng.sample(scene.objects, 2)
+        if first.col != second.col and (first.row == second.row or rng.random() < 0.5):
+            return f"is the {first.shape} left of the {second.shape}?", "yes" if first.col < second.col else "no"
+        return f"is the {first.shape} above the {second.shape}?", "yes" if first.row < second.row else "no"
     color = rng.choice(sorted(COLORS))
     return f"how many {color} shapes are there?", str(sum(o.color == color for o in scene.objects))
 
@@ -103,10 +112,15 @@ def build_vqa_grounding_task(
     questions_per_image: int = 2,
     expressions_per_image: int = 1,
     config: Optional[SyntheticTaskConfig] = None,
+    vqa_levels: Sequence[int] = DEFAULT_VQA_LEVELS,
 ) -> Dict[str, str]:
     """Write the VQA and grounding splits (sizes count images) to ``out_dir``; returns the paths
-    (keys ``vqa_gen_{split}``, ``refcoco_{split}``, their ``_meta``, ``vqa_ans2label``, ``vqa_ans2label_json``)."""
+    (keys ``vqa_gen_{split}``, ``refcoco_{split}``, their ``_meta``, ``vqa_ans2label``, ``vqa_ans2label_json``).
+    Each question's level is drawn uniformly from ``vqa_levels`` (repeat a level to weight it)."""
     cfg = config or SyntheticTaskConfig()
+    vqa_levels = tuple(vqa_levels)
+    if not vqa_levels or any(level not in VQA_LEVELS for level in vqa_levels):
+        raise ValueError(f"vqa_levels must be levels among {VQA_LEVELS}, got {vqa_levels}")
     sizes = {"train": num_train, "valid": num_valid, "test": num_test}
     for split, n in sizes.items():
         if n < 1:
@@ -127,7 +141,10 @@ def build_vqa_grounding_task(
             labels = "&&".join(o.shape for o in scene.objects)
             objects = [f"{o.size} {o.color_word} {o.shape} r{o.row}c{o.col}" for o in scene.objects]
             for _ in range(questions_per_image):
-                level = rng.randint(1, 3)
+                # randrange draws as randint(1, 3) did, so the default levels keep earlier data
+                level = vqa_levels[rng.randrange(len(vqa_levels))]
+                if level == 4 and len(scene.objects) < 2:
+                    level = 1  # no relation in a one-object scene
                 question, answer = vqa_question(scene, level, rng)
                 vqa_rows.append((next_question_id, image_id, question, f"1.0|!+{answer}", labels, image_b64))
                 vqa_meta.append({"question_id": next_question_id, "image_id": image_id, "level": level,
@@ -166,9 +183,16 @@ def cli_main(argv: Optional[List[str]] = None) -> Dict[str, str]:
     parser.add_argument("--num-test", type=int, default=300, help="test images")
     parser.add_argument("--questions-per-image", type=int, default=2)
     parser.add_argument("--expressions-per-image", type=int, default=1)
+    parser.add_argument("--vqa-levels", default=",".join(map(str, DEFAULT_VQA_LEVELS)),
+                        help="comma-separated question levels to draw from (1-4; repeat one to weight it); "
+                             "level 4 asks about the relation of two shapes")
     args = parser.parse_args(argv)
+    try:
+        levels = tuple(int(v) for v in args.vqa_levels.split(","))
+    except ValueError:
+        parser.error(f"--vqa-levels {args.vqa_levels!r}: give comma-separated integers, e.g. 1,2,3,4")
     paths = build_vqa_grounding_task(args.out_dir, args.seed, args.num_train, args.num_valid, args.num_test,
-                                     args.questions_per_image, args.expressions_per_image)
+                                     args.questions_per_image, args.expressions_per_image, vqa_levels=levels)
     for key, path in sorted(paths.items()):
         print(f"{key}\t{path}")
     return paths

@@ -350,7 +350,7 @@ def test_grounding_grading_iou_cost_and_depth_per_box_token(bench, tmp_path):
 
 def test_reuse_checkpoints_refuses_a_missing_model(bench, tmp_path):
     args = argparse.Namespace(pretrain_backbone_steps=0, updates=7, reuse_checkpoints=True, train_batch_size=4,
-                              finetune_from_model=None)
+                              finetune_from_model=None, freeze_encoder_layers_updates=0)
     with pytest.raises(FileNotFoundError, match="--reuse-checkpoints: no trained refcoco model"):
         bench.vg_train("refcoco", tmp_path, tmp_path, "bpe", args)
 
@@ -366,7 +366,7 @@ def test_vqa_grounding_training_goes_through_the_run_script(bench, tmp_path, mon
     calls = []
     monkeypatch.setattr(subprocess, "run", lambda command, **kw: calls.append((command, kw["env"])))
     args = argparse.Namespace(pretrain_backbone_steps=0, updates=7, reuse_checkpoints=False, train_batch_size=4,
-                              finetune_from_model="/models/vqa.pt")
+                              finetune_from_model="/models/vqa.pt", freeze_encoder_layers_updates=0)
     checkpoint = bench.vg_train("refcoco", tmp_path, tmp_path / "data", "bpe", args)
     (command, env), = calls
     assert command[-1].endswith("run_scripts/refcoco/train_refcoco_mue.sh")
@@ -379,3 +379,22 @@ def test_vqa_grounding_training_goes_through_the_run_script(bench, tmp_path, mon
     assert (checkpoint.parent / "trained_7_updates").exists()
     checkpoint.write_bytes(b"")  # what the run script would have written: a second run reuses it
     assert bench.vg_train("refcoco", tmp_path, tmp_path / "data", "bpe", args) == checkpoint and len(calls) == 1
+
+
+def test_vqa_grounding_training_holds_the_encoder_and_keeps_other_levels_apart(bench, tmp_path, monkeypatch):
+    import subprocess
+
+    calls = []
+    monkeypatch.setattr(subprocess, "run", lambda command, **kw: calls.append((command, kw["env"])))
+    args = argparse.Namespace(pretrain_backbone_steps=0, updates=7, reuse_checkpoints=False, train_batch_size=4,
+                              finetune_from_model=None, freeze_encoder_layers_updates=3)
+    levels_dir = bench.vg_data_dir(tmp_path, (1, 2, 3, 4))
+    assert bench.vg_data_dir(tmp_path, (1, 2, 3)).name == "data_vqa_grounding"
+    assert levels_dir.name == "data_vqa_grounding_levels_1234"
+    checkpoint = bench.vg_train("vqa_gen_allcand", tmp_path, levels_dir, "bpe", args)
+    (command, env), = calls
+    extra = env["extra_args"].split()
+    assert extra[extra.index("--freeze-encoder-layers-updates") + 1] == "3"
+    assert env["data"].startswith(str(levels_dir / "vqa_gen_train.tsv"))
+    # another level mix or hold is another model: never reused for this one
+    assert checkpoint.parent.name == "checkpoints_vqa_gen_7_levels_1234_hold3"

@@ -210,3 +210,33 @@ def test_synthetic_vqa_answers_follow_the_scenes(tmp_path):
     task.cfg.data = paths["vqa_gen_valid"]
     task.load_dataset("valid")
     assert all(task.datasets["valid"][i]["conf"].item() == 1.0 for i in range(len(rows)))
+
+
+def test_synthetic_relation_questions_follow_the_grid_cells(tmp_path):
+    from data_utils.synthetic_vqa_grounding import build_vqa_grounding_task
+
+    paths = build_vqa_grounding_task(str(tmp_path), seed=4, num_train=1, num_valid=40, num_test=1, vqa_levels=(4,))
+    meta = [json.loads(line) for line in open(paths["vqa_gen_valid_meta"])]
+    rows = [line.split("\t") for line in open(paths["vqa_gen_valid"]).read().splitlines()]
+    relations = 0
+    for row, info in zip(rows, meta):
+        cells = {o.split()[2]: o.split()[3] for o in info["objects"]}  # shape -> "r<row>c<col>"
+        if len(cells) < 2:  # no relation in a one-object scene: a level-1 question instead
+            assert info["level"] == 1
+            continue
+        relations += 1
+        words = row[2].rstrip("?").split()  # is the A left of / above the B
+        first, second = words[2], words[-1]
+        (r1, c1), (r2, c2) = [tuple(int(v) for v in cells[s][1:].split("c")) for s in (first, second)]
+        if "left" in words:
+            assert c1 != c2 and info["answer"] == ("yes" if c1 < c2 else "no")
+        else:
+            assert words[3] == "above" and r1 != r2 and info["answer"] == ("yes" if r1 < r2 else "no")
+    assert relations >= 20 and {m["answer"] for m in meta if m["level"] == 4} == {"yes", "no"}
+
+
+def test_synthetic_vqa_levels_are_checked(tmp_path):
+    from data_utils.synthetic_vqa_grounding import build_vqa_grounding_task
+
+    with pytest.raises(ValueError, match="vqa_levels must be levels among"):
+        build_vqa_grounding_task(str(tmp_path), num_train=1, num_valid=1, num_test=1, vqa_levels=(1, 5))
