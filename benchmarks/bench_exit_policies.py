@@ -149,7 +149,8 @@ def vg_data(work: Path, num_train: int, vqa_levels: Sequence[int]) -> Path:
 
 
 def vg_train_environment(bench_task: str, data_dir: Path, save_dir: Path, updates: int, batch_size: int,
-                         bpe_dir: str, backbone_args: Sequence[str]) -> Dict[str, str]:
+                         bpe_dir: str, backbone_args: Sequence[str],
+                         max_image_size: Optional[int] = None) -> Dict[str, str]:
     """The run script's variables for the quickstart's small model on the built-in data: OFA's
     recipe (layer-wise loss, drop-path, label smoothing) with a from-scratch model's learning rate,
     no restore file, a fixed number of updates and no validation (the benchmark evaluates)."""
@@ -177,8 +178,8 @@ def vg_train_environment(bench_task: str, data_dir: Path, save_dir: Path, update
         # from scratch: train the embeddings (OFA freezes its pre-trained ones); no EMA, no object labels
         env.update({"ans2label_file": str(data_dir / "vqa_ans2label.pkl"), "uses_ema": "0", "add_object": "0",
                     "freeze_embeddings": "0"})
-    else:  # boxes are quantised relative to the (64-pixel) resized image, as OFA's 512 / 512
-        extra += ["--max-image-size", size]
+    else:  # boxes are quantised relative to --max-image-size (default the resized image's side, as OFA's 512 / 512)
+        extra += ["--max-image-size", str(max_image_size or size)]
     env["extra_args"] = " ".join(extra)
     return env
 
@@ -194,6 +195,9 @@ def vg_train(bench_task: str, work: Path, data_dir: Path, bpe_dir: str, args) ->
     save_dir = work / f"checkpoints_{spec['task']}_{args.updates}"
     if spec["task"] == "vqa_gen" and data_dir.name != "data_vqa_grounding":  # other question levels
         save_dir = save_dir.with_name(save_dir.name + data_dir.name[len("data_vqa_grounding"):])
+    max_image_size = getattr(args, "grounding_max_image_size", None)
+    if spec["task"] == "refcoco" and max_image_size:  # other location-token bins: another model
+        save_dir = save_dir.with_name(save_dir.name + f"_maxsize{max_image_size}")
     if args.freeze_encoder_layers_updates > 0:  # the picture survives the encoder's first updates
         backbone = backbone + quickstart.hold_encoder(args.freeze_encoder_layers_updates)
         save_dir = save_dir.with_name(save_dir.name + f"_hold{args.freeze_encoder_layers_updates}")
@@ -211,7 +215,8 @@ def vg_train(bench_task: str, work: Path, data_dir: Path, bpe_dir: str, args) ->
         raise FileNotFoundError(f"--reuse-checkpoints: no trained {spec['task']} model in {save_dir} "
                                 f"(train it first: the same command without --reuse-checkpoints)")
     save_dir.mkdir(parents=True, exist_ok=True)
-    env = vg_train_environment(bench_task, data_dir, save_dir, args.updates, args.train_batch_size, bpe_dir, backbone)
+    env = vg_train_environment(bench_task, data_dir, save_dir, args.updates, args.train_batch_size, bpe_dir, backbone,
+                               max_image_size if spec["task"] == "refcoco" else None)
     env_line = " ".join(f"{k}={v!r}" if " " in v or not v else f"{k}={v}" for k, v in env.items())
     logger.info("%s: training %d updates: %s bash %s", spec["task"], args.updates, env_line, spec["script"])
     (save_dir / "train_command.txt").write_text(f"{env_line} bash {spec['script']}\n")
@@ -803,6 +808,10 @@ def main(argv: Optional[List[str]] = None) -> Dict:
                         help="question levels of the built-in VQA data (data_utils.synthetic_vqa_grounding "
                         "--vqa-levels; 4 = relations of two shapes); other than 1,2,3 the data and VQA models "
                         "get their own folders in --work-dir")
+    parser.add_argument("--grounding-max-image-size", type=int, default=None,
+                        help="refcoco's --max-image-size (the side the <bin_i> tokens span; default the 64-pixel "
+                        "resized image, as OFA's 512 / 512). 512 puts the boxes of 64-pixel images on bins 0-125, "
+                        "two bins a pixel as in OFA's own setting, instead of 15.6")
     parser.add_argument("--train-only", action="store_true", help="train (or find) the models and stop")
     parser.add_argument("--reuse-checkpoints", action="store_true",
                         help="VQA / grounding: evaluate the models an earlier run trained in --work-dir; "

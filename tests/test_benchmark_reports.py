@@ -398,3 +398,17 @@ def test_vqa_grounding_training_holds_the_encoder_and_keeps_other_levels_apart(b
     assert env["data"].startswith(str(levels_dir / "vqa_gen_train.tsv"))
     # another level mix or hold is another model: never reused for this one
     assert checkpoint.parent.name == "checkpoints_vqa_gen_7_levels_1234_hold3"
+
+
+def test_grounding_location_bins_can_span_a_larger_side(bench, tmp_path, monkeypatch):
+    import subprocess
+
+    calls = []
+    monkeypatch.setattr(subprocess, "run", lambda command, **kw: calls.append((command, kw["env"])))
+    args = argparse.Namespace(pretrain_backbone_steps=0, updates=7, reuse_checkpoints=False, train_batch_size=4,
+                              finetune_from_model=None, freeze_encoder_layers_updates=0, grounding_max_image_size=512)
+    checkpoint = bench.vg_train("refcoco", tmp_path, tmp_path / "data", "bpe", args)
+    (command, env), = calls
+    extra = env["extra_args"].split()
+    assert extra[extra.index("--max-image-size") + 1] == "512" and extra.count("--max-image-size") == 1
+    assert checkpoint.parent.name == "checkpoints_refcoco_7_maxsize512"

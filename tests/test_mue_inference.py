@@ -422,3 +422,32 @@ def test_ensemble_refuses_exits_and_runs_without_them():
     with pytest.raises(ValueError, match="MuE exits work with one model, not an ensemble of 2"):
         with torch.no_grad():
             generator.generate([first, second], sample)
+
+
+@pytest.mark.parametrize("policy", ["entropy", "confidence", "patience"])
+def test_prediction_policies_judge_only_the_tokens_the_generator_may_emit(policy):
+    """With an answer trie or a location-token range, the generator renormalises over the allowed
+    tokens; the prediction-based policies must judge that distribution, not the whole vocabulary's."""
+    from mue_fairseq.exits.policies import TokenExitDecider
+
+    vocab, rows = 1000, torch.tensor([0, 2])
+    logits = torch.zeros(2, vocab)
+    logits[:, 7] = 3.0  # over the whole vocabulary token 7 gets p = 0.02 and the entropy is ~6.9 nats
+    allowed = torch.zeros(3, vocab, dtype=torch.bool)
+    allowed[:, [7, 8]] = True  # two allowed tokens: p(7) = 0.95, entropy 0.2 nats
+    options = {"entropy": dict(mue_entropy_threshold=0.5), "confidence": dict(mue_confidence_threshold=0.9),
+               "patience": dict(mue_patience=1)}[policy]
+    cfg = MuEConfig(mue_exit_policy=policy, **options)
+    free = TokenExitDecider(cfg, 4, lambda states: logits, allowed=None)
+    judged = TokenExitDecider(cfg, 4, lambda states: logits, allowed=allowed)
+    states = torch.zeros(2, 8)
+    if policy == "patience":  # the argmax moves from 11 (outside the allowed pair) to 7 only when free
+        logits[:, 11] = 5.0
+        for decider in (free, judged):
+            decider.start_rows(3, "cpu")
+            decider(0, states, states, rows)
+        logits[:, 11] = 0.0
+        assert not free(1, states, states, rows).any() and judged(1, states, states, rows).all()
+        return
+    assert not free(0, states, states, rows).any()
+    assert judged(0, states, states, rows).all()

@@ -226,3 +226,19 @@ def test_synthetic_grounding_boxes_enclose_their_objects(tmp_path):
             assert abs(top + ys.min() - y0) <= 2 and abs(top + ys.max() + 1 - y1) <= 2
             checked += 1
     assert checked >= 3
+
+
+def test_prediction_exits_judge_the_constraint_range(refcoco_checkpoint, tmp_path):
+    """With --constraint-range the entropy policy judges the 1,004 tokens the range keeps: at most
+    ln(1004) nats, so that threshold stops every token after one layer."""
+    import math
+
+    from mue_fairseq.cli.evaluate import cli_main
+
+    overrides = {"bpe_dir": refcoco_checkpoint.bpe_dir, "constraint_range": f"{BIN_0},59457"}
+    result = cli_main(refcoco_checkpoint.eval_args() + EVAL_GENERATION + [
+        "--results-path", str(tmp_path / "range"), "--no-plots", "--model-overrides", repr(overrides),
+        "--mue-exit-policy", "entropy", "--mue-entropy-threshold", str(math.log(1004) + 1e-3)])
+    assert result.num_samples == 6
+    exits = json.loads((tmp_path / "range" / "valid_exit_stats.json").read_text())
+    assert exits["summary"]["decoder_by_position"]["mean"] == [1.0] * 5

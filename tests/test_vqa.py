@@ -240,3 +240,35 @@ def test_synthetic_vqa_levels_are_checked(tmp_path):
 
     with pytest.raises(ValueError, match="vqa_levels must be levels among"):
         build_vqa_grounding_task(str(tmp_path), num_train=1, num_valid=1, num_test=1, vqa_levels=(1, 5))
+
+
+def test_beam_search_prediction_exits_judge_the_candidate_answers(vqa_checkpoint, tmp_path, monkeypatch):
+    """Entropy over the trie's allowed tokens is at most ln(#answers): with that threshold every
+    answer token stops after one layer (over the 59,457-token vocabulary it would not)."""
+    import math
+
+    from mue_fairseq.cli.evaluate import cli_main
+    from mue_fairseq.models import mue_decoder
+
+    seen = []
+
+    class Recording(mue_decoder.TokenExitDecider):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            seen.append(self.allowed)
+
+    monkeypatch.setattr(mue_decoder, "TokenExitDecider", Recording)
+    answers = candidates_of(vqa_checkpoint)
+    result = cli_main(vqa_checkpoint.eval_args() + [
+        "--results-path", str(tmp_path / "beam"), "--no-plots", "--beam-search-vqa-eval", "--beam", "5",
+        "--unnormalized", "--temperature", "1.0", "--mue-exit-policy", "entropy",
+        "--mue-entropy-threshold", str(math.log(len(answers)) + 1e-3)])
+    assert result.num_samples == 12
+    assert seen and all(a is not None and a.any(dim=1).all() for a in seen)
+    # rows still in their forced prompt may emit anything (their tokens are forced); the others
+    # only the trie's continuations
+    answering = [a[~a.all(dim=1)] for a in seen]
+    assert sum(len(a) for a in answering) > 0
+    assert max(int(a.sum(dim=1).max()) for a in answering if len(a)) <= len(answers)
+    exits = json.loads((tmp_path / "beam" / "valid_exit_stats.json").read_text())
+    assert all(s["decoder_layers"][-2:] == [1, 1] for s in exits["samples"])  # the answer's last token, eos

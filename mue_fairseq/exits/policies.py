@@ -55,14 +55,18 @@ class TokenExitDecider:
 
     `predict(h)` maps states (A x C) to logits (A x V) through the shared final norm and output
     projection; only the prediction-based policies call it (it is what makes them costly).
+    `allowed` (rows x V, bool): the tokens the generator may emit for each row at this step (an
+    answer trie, a location-token range); the prediction-based policies then judge the same
+    renormalised distribution the generator decodes from, not the whole vocabulary's.
     """
 
     def __init__(self, cfg: MuEConfig, num_layers: int, predict: Callable[[Tensor], Tensor],
-                 replay: Optional[ExitReplay] = None):
+                 replay: Optional[ExitReplay] = None, allowed: Optional[Tensor] = None):
         self.cfg = cfg
         self.num_layers = num_layers
         self.predict = predict
         self.replay = replay
+        self.allowed = allowed
         self._replay_layers: Optional[Tensor] = None
         self.passes = cfg.similarity_passes  # >= or >, fixed for the model's options
         self.threshold: Optional[float] = None
@@ -103,9 +107,13 @@ class TokenExitDecider:
                 return self.passes(batch_cosine(new, old), self.threshold).expand(new.size(0))
             return self.passes(stream_cosine(new.unsqueeze(0), old.unsqueeze(0)), self.threshold)
         logits = self.predict(new).float()
+        if self.allowed is not None:
+            logits = logits.masked_fill(~self.allowed[rows], float("-inf"))
         if policy == "entropy":
             log_probs = torch.log_softmax(logits, dim=-1)
-            entropy = -(log_probs.exp() * log_probs).sum(-1)
+            probs = log_probs.exp()
+            # masked tokens (p = 0, log p = -inf) add 0, not nan
+            entropy = -torch.where(probs > 0, probs * log_probs, torch.zeros_like(probs)).sum(-1)
             return entropy <= self.cfg.mue_entropy_threshold
         if policy == "confidence":
             return torch.softmax(logits, dim=-1).max(dim=-1).values >= self.cfg.mue_confidence_threshold

@@ -45,9 +45,9 @@ class OFAEnsembleModel(EnsembleModel):
             self.prefix_lengths = self.prefix_lengths.index_select(0, new_order.to(self.prefix_lengths.device))
         return super().reorder_encoder_out(encoder_outs, new_order)
 
-    def _allowed_mask(self, tokens: Tensor, logits: Tensor) -> Tensor:
+    def _allowed_mask(self, tokens: Tensor, vocab_size: int) -> Tensor:
         """(rows x V) mask of the tokens the trie allows after each row's generated prefix."""
-        mask = torch.zeros_like(logits, dtype=torch.bool)
+        mask = torch.zeros((tokens.size(0), vocab_size), dtype=torch.bool, device=tokens.device)
         prefix_lengths = self.prefix_lengths.tolist() if self.prefix_lengths is not None else [0] * len(tokens)
         for row, history in enumerate(tokens.tolist()):
             prefix_len = prefix_lengths[row]
@@ -58,6 +58,18 @@ class OFAEnsembleModel(EnsembleModel):
             else:
                 mask[row] = True
         return mask
+
+    def _allowed_tokens(self, tokens: Tensor, vocab_size: int) -> Optional[Tensor]:
+        """(rows x V) mask of the tokens this step may emit, or None when every token may be."""
+        if self.constraint_trie is not None:
+            return self._allowed_mask(tokens, vocab_size)
+        if self.constraint_range is not None:  # OFA keeps the specials 0-3 and start..end-1
+            start, end = self.constraint_range
+            allowed = torch.zeros(vocab_size, dtype=torch.bool, device=tokens.device)
+            allowed[:4] = True
+            allowed[start:end] = True
+            return allowed.unsqueeze(0).expand(tokens.size(0), vocab_size)
+        return None
 
     @torch.jit.unused
     def forward_decoder(
@@ -70,19 +82,22 @@ class OFAEnsembleModel(EnsembleModel):
         self.incremental_states = incremental_states
         log_probs, avg_attn = [], None
         for i, model in enumerate(self.models):
-            decoder_out = model.decoder.forward(
-                tokens, encoder_out=encoder_outs[i], incremental_state=incremental_states[i]
-            )
+            allowed = self._allowed_tokens(tokens, len(model.decoder.dictionary))
+            if hasattr(model.decoder, "exit_allowed_tokens"):  # MuE: exit policies judge these tokens
+                model.decoder.exit_allowed_tokens = allowed
+            try:
+                decoder_out = model.decoder.forward(
+                    tokens, encoder_out=encoder_outs[i], incremental_state=incremental_states[i]
+                )
+            finally:
+                if hasattr(model.decoder, "exit_allowed_tokens"):
+                    model.decoder.exit_allowed_tokens = None
             attn = decoder_out[1]["attn"][0] if decoder_out[1] is not None else None
             if attn is not None:
                 attn = attn[:, -1, :]
             logits = decoder_out[0][:, -1:, :].div_(temperature)
-            if self.constraint_trie is not None:
-                logits.masked_fill_(~self._allowed_mask(tokens, logits[:, 0]).unsqueeze(1), -math.inf)
-            if self.constraint_range is not None:
-                start, end = self.constraint_range
-                logits[:, :, 4:start] = -math.inf
-                logits[:, :, end:] = -math.inf
+            if allowed is not None:
+                logits.masked_fill_(~allowed.unsqueeze(1), -math.inf)
             probs = model.get_normalized_probs((logits, decoder_out[1]), log_probs=True, sample=None)[:, -1, :]
             if self.models_size == 1:
                 return probs, attn

@@ -47,6 +47,9 @@ class MuEDecoder(OFADecoder):
         # runs them. Off gives the same caches step by step (for tests and A/B timing).
         self.defer_skipped_kv = True
         self.exit_replay: Optional[ExitReplay] = None  # the replay policy's recorded exits
+        # Set by the generator before each step (rows x V, bool): the tokens it may emit, which the
+        # prediction-based exit policies judge their predictions over.
+        self.exit_allowed_tokens: Optional[Tensor] = None
 
     # ----------------------------------------------------------------- public hooks
     def begin_decoding(self, num_steps: int) -> None:
@@ -144,7 +147,7 @@ class MuEDecoder(OFADecoder):
         step = _Step(self, tokens, encoder_out, incremental_state)
         x = self.embed_target(tokens[:, -1:], step.raw_positions[-1:]).transpose(0, 1)  # 1 x R x C
         replay = replay_of(self) if self.mue.policy == "replay" else None
-        decider = TokenExitDecider(self.mue, self.num_layers, self.predict, replay)
+        decider = TokenExitDecider(self.mue, self.num_layers, self.predict, replay, self.exit_allowed_tokens)
         may_exit = decider.begin_step(step.rows_total, step.index, self.num_decoding_steps, tokens.device)
         rows = _StepRows(x, self.num_layers)
         recompute = self.mue.kv_policy == "recompute"
