@@ -246,6 +246,10 @@ def vg_load(bench_task: str, checkpoint: Path, data_dir: Path, bpe_dir: str, bat
 
 
 BOX_POSITIONS = ("x0", "y0", "x1", "y1", "eos")
+# The question / expression levels of data_utils.synthetic_vqa_grounding, as the tables name them.
+VQA_LEVEL_NAMES = {"1": "colour / yes-no", "2": "how many shapes", "3": "how many of a colour",
+                   "4": "relation of two shapes"}
+GROUNDING_LEVEL_NAMES = {"1": "'the circle'", "2": "'the red circle'", "3": "size, colour, shape and position"}
 
 
 def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
@@ -718,9 +722,10 @@ def vg_markdown(task: str, task_summary: Dict, rows: Sequence[Dict]) -> List[str
     lines = ["Trivial baselines on the same rows (no picture needed): " + "; ".join(
         f"{name} {value:.2f}" for name, value in (full.get("trivial_baselines") or {}).items())
         + f"; the model at full depth {full['quality']:.2f}.", ""]
-    level_names = ("1 colour / yes-no, 2 how many shapes, 3 how many of a colour, 4 relation of two shapes"
-                   if task.startswith("vqa")
-                   else "1 'the circle', 2 'the red circle', 3 size, colour, shape and position")
+    names = VQA_LEVEL_NAMES if task.startswith("vqa") else GROUNDING_LEVEL_NAMES
+    present = sorted({level for r in (full, first["static_half"], first["mue_best"]) if r
+                      for level in (r.get("quality_by_level") or {})}, key=int)
+    level_names = ", ".join(f"{level} {names.get(level, '?')}" for level in present)
     chosen = [("full depth", full), ("static half depth", first["static_half"]),
               ("MuE at the target", first["mue_best"])]
     lines += [f"Score by level ({level_names}), batch {min(batches)}: " + "; ".join(

@@ -412,3 +412,10 @@ def test_grounding_location_bins_can_span_a_larger_side(bench, tmp_path, monkeyp
     extra = env["extra_args"].split()
     assert extra[extra.index("--max-image-size") + 1] == "512" and extra.count("--max-image-size") == 1
     assert checkpoint.parent.name == "checkpoints_refcoco_7_maxsize512"
+
+
+def test_score_by_level_names_only_the_levels_the_rows_have(bench):
+    full = {"quality": 70.0, "trivial_baselines": {}, "quality_by_level": {"1": 60.0, "3": 80.0}}
+    summary = {"batches": {1: {"full": full, "static_half": None, "mue_best": None}}}
+    text = "\n".join(bench.vg_markdown("vqa_gen_allcand", summary, []))
+    assert "Score by level (1 colour / yes-no, 3 how many of a colour), batch 1: full depth 60.0 / 80.0." in text
