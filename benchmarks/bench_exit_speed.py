@@ -193,6 +193,13 @@ def part_flops(stats: ExitStatistics) -> Dict[str, Dict[str, float]]:
     return {"executed": executed, "ofa": ofa}
 
 
+def _record_round(times: Dict, config: str, measured: Dict) -> None:
+    """Append one timed round's seconds (per clock and part) to `times[clock][config][part]`."""
+    for clock in CLOCKS:
+        for part in PARTS:
+            times[clock][config][part].append(measured[clock][part])
+
+
 def bench_batch(args, batch: int, models, generators) -> dict:
     """Time every configuration on one batch; FLOPs and exits from the last run of each."""
     sample = make_sample(batch, args.src_len, args.image_size, args.device, args.dtype, seed=batch)
@@ -207,9 +214,7 @@ def bench_batch(args, batch: int, models, generators) -> dict:
                 models["mue"].set_exit_options(**exit_options(args, config))
             measured, last_hypos[config] = generators["ofa" if config == "ofa" else "mue"].run(sample)
             if round_idx >= warmup:
-                for clock in CLOCKS:
-                    for part in PARTS:
-                        times[clock][config][part].append(measured[clock][part])
+                _record_round(times, config, measured)
         logger.info("batch %d round %d/%d done", batch, round_idx + 1, warmup + repeats)
 
     for config in CONFIGS:
@@ -307,9 +312,7 @@ def bench_replay_batch(args, batch: int, model, generator: "TimedGenerator", rep
                     for part in PARTS:
                         totals[clock][part] += measured[clock][part]
             if round_idx >= warmup:
-                for clock in CLOCKS:
-                    for part in PARTS:
-                        times[clock][config][part].append(totals[clock][part])
+                _record_round(times, config, totals)
         logger.info("replay batch %d round %d/%d done", batch, round_idx + 1, warmup + repeats)
 
     for config in REPLAY_CONFIGS:

@@ -435,30 +435,26 @@ WRONG_PICKLES = [
 ]
 
 
-@pytest.mark.parametrize("payload, message", WRONG_PICKLES, ids=["df", "no_ref_len", "list", "truncated"])
-def test_cached_tokens_pickle_of_wrong_layout_is_named(payload, message, data_dir, tmp_path):
+# The reward's cached tokens are read when the criterion is built, validation's with the model.
+CACHED_TOKEN_OPTIONS = {"scst": ("--scst-cider-cached-tokens", "build_criterion", "criterion"),
+                        "eval": ("--eval-cider-cached-tokens", "build_model", "model")}
+
+
+@pytest.mark.parametrize("which, payload, message", [
+    *[("scst", payload, message) for payload, message in WRONG_PICKLES],
+    *[("eval", payload, message) for payload, message in WRONG_PICKLES[::3]],
+], ids=["scst-df", "scst-no_ref_len", "scst-list", "scst-truncated", "eval-df", "eval-truncated"])
+def test_cached_tokens_pickle_of_wrong_layout_is_named(which, payload, message, data_dir, tmp_path):
     from fairseq import tasks
 
-    path = tmp_path / "coco-train-words.p"
+    option, build, part = CACHED_TOKEN_OPTIONS[which]
+    path = tmp_path / f"coco-{which}-words.p"
     path.write_bytes(payload)
-    _, cfg = parse_stage2(data_dir, tmp_path, f"--scst-cider-cached-tokens={path}")
+    _, cfg = parse_stage2(data_dir, tmp_path, f"{option}={path}")
     task = tasks.setup_task(cfg.task)
     with pytest.raises(ValueError) as error:
-        task.build_criterion(cfg.criterion)
-    assert f"--scst-cider-cached-tokens {path}" in str(error.value) and message in str(error.value)
-
-
-@pytest.mark.parametrize("payload, message", WRONG_PICKLES[::3], ids=["df", "truncated"])
-def test_validation_cached_tokens_pickle_of_wrong_layout_is_named(payload, message, data_dir, tmp_path):
-    from fairseq import tasks
-
-    path = tmp_path / "coco-valid-words.p"
-    path.write_bytes(payload)
-    _, cfg = parse_stage2(data_dir, tmp_path, f"--eval-cider-cached-tokens={path}")
-    task = tasks.setup_task(cfg.task)
-    with pytest.raises(ValueError) as error:
-        task.build_model(cfg.model)
-    assert f"--eval-cider-cached-tokens {path}" in str(error.value) and message in str(error.value)
+        getattr(task, build)(getattr(cfg, part))
+    assert f"{option} {path}" in str(error.value) and message in str(error.value)
 
 
 @pytest.mark.parametrize("scst_args, message", [

@@ -54,6 +54,10 @@ class ExitReplay:
         self._cursor = 0
         self._batch: List[int] = []
         self._rows: Optional[int] = None
+        # The current batch's recorded decoder layers (B x longest, padded) and token counts (B,),
+        # built once per batch so that a decoding step only indexes them on the device.
+        self._decoder_table: Optional[Tensor] = None
+        self._decoder_lengths: Optional[Tensor] = None
 
     @classmethod
     def from_statistics(cls, stats: ExitStatistics, encoder_layers: int, decoder_layers: int,
@@ -107,6 +111,11 @@ class ExitReplay:
         self._batch = [self.sample_index(self._cursor + i) for i in range(batch_size)]
         self._cursor = self.sample_index(self._cursor + batch_size)
         self._rows = None
+        recorded = [self.decoder[i] for i in self._batch]
+        longest = max(len(tokens) for tokens in recorded)
+        self._decoder_table = torch.tensor([tokens + [0] * (longest - len(tokens)) for tokens in recorded],
+                                           dtype=torch.long, device=device)
+        self._decoder_lengths = torch.tensor([len(tokens) for tokens in recorded], dtype=torch.long, device=device)
         image = torch.tensor([self.image[i] for i in self._batch], dtype=torch.long, device=device)
         text = torch.tensor([self.text[i] for i in self._batch], dtype=torch.long, device=device)
         return image, text
@@ -125,8 +134,6 @@ class ExitReplay:
                 "needs every row to decode to the same length (min_len = max_len)"
             )
         beam = num_rows // len(self._batch)
-        layers = []
-        for i in self._batch:
-            tokens = self.decoder[i]
-            layers.extend([tokens[step % len(tokens)]] * beam)
-        return torch.tensor(layers, dtype=torch.long, device=device)
+        samples = torch.arange(len(self._batch), device=self._decoder_table.device)
+        layers = self._decoder_table[samples, step % self._decoder_lengths]  # cycling over each sample's tokens
+        return layers.repeat_interleave(beam).to(device)

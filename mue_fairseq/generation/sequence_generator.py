@@ -24,6 +24,7 @@ class OFAEnsembleModel(EnsembleModel):
             raise ValueError("an answer trie and --constraint-range exclude each other (OFA's generator asserts so)")
         self.constraint_trie = constraint_trie
         self.constraint_range = constraint_range
+        self._range_mask: Optional[Tensor] = None  # --constraint-range as a (V,) mask, once built
         # Forced prefix length of each batch row, kept in step with fairseq's reordering of the rows.
         self.prefix_lengths: Optional[Tensor] = None
         # What the last generate() left behind, for exit statistics.
@@ -63,12 +64,15 @@ class OFAEnsembleModel(EnsembleModel):
         """(rows x V) mask of the tokens this step may emit, or None when every token may be."""
         if self.constraint_trie is not None:
             return self._allowed_mask(tokens, vocab_size)
-        if self.constraint_range is not None:  # OFA keeps the specials 0-3 and start..end-1
-            start, end = self.constraint_range
-            allowed = torch.zeros(vocab_size, dtype=torch.bool, device=tokens.device)
-            allowed[:4] = True
-            allowed[start:end] = True
-            return allowed.unsqueeze(0).expand(tokens.size(0), vocab_size)
+        if self.constraint_range is not None:  # the same for every row and step: built once
+            mask = self._range_mask
+            if mask is None or mask.numel() != vocab_size or mask.device != tokens.device:
+                start, end = self.constraint_range  # OFA keeps the specials 0-3 and start..end-1
+                mask = torch.zeros(vocab_size, dtype=torch.bool, device=tokens.device)
+                mask[:4] = True
+                mask[start:end] = True
+                self._range_mask = mask
+            return mask.unsqueeze(0).expand(tokens.size(0), vocab_size)
         return None
 
     @torch.jit.unused
@@ -82,16 +86,16 @@ class OFAEnsembleModel(EnsembleModel):
         self.incremental_states = incremental_states
         log_probs, avg_attn = [], None
         for i, model in enumerate(self.models):
-            allowed = self._allowed_tokens(tokens, len(model.decoder.dictionary))
-            if hasattr(model.decoder, "exit_allowed_tokens"):  # MuE: exit policies judge these tokens
-                model.decoder.exit_allowed_tokens = allowed
+            decoder = model.decoder
+            allowed = self._allowed_tokens(tokens, len(decoder.dictionary))
+            judges_allowed = hasattr(decoder, "exit_allowed_tokens")  # MuE: its exit policies judge these tokens
+            if judges_allowed:
+                decoder.exit_allowed_tokens = allowed
             try:
-                decoder_out = model.decoder.forward(
-                    tokens, encoder_out=encoder_outs[i], incremental_state=incremental_states[i]
-                )
+                decoder_out = decoder.forward(tokens, encoder_out=encoder_outs[i], incremental_state=incremental_states[i])
             finally:
-                if hasattr(model.decoder, "exit_allowed_tokens"):
-                    model.decoder.exit_allowed_tokens = None
+                if judges_allowed:  # never left over for a later, unconstrained forward
+                    decoder.exit_allowed_tokens = None
             attn = decoder_out[1]["attn"][0] if decoder_out[1] is not None else None
             if attn is not None:
                 attn = attn[:, -1, :]
