@@ -14,23 +14,20 @@ decoder depths vary by step and sample (3, 2, 1) and captions differ. Not exerci
 checkpoint: the KV policy (no caption's decoder depth ever rises again after falling, so no step
 reads a skipped layer's cache).
 """
-import importlib.util
 import json
 import math
 
 import pytest
 
 from ofa_fixtures import BPE_DIR, REPO, SHARED, require_file
+from script_modules import load_script
 
 FIXTURE = REPO / "tests" / "fixtures" / "authors" / "caption_holdout.json"
 HARNESS = REPO / "tools" / "ofa_harness"
 
 
 def harness(name: str):
-    spec = importlib.util.spec_from_file_location(f"ofa_harness_{name}", HARNESS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(HARNESS / f"{name}.py", f"ofa_harness_{name}")
 
 
 @pytest.fixture(scope="module")

@@ -1,19 +1,17 @@
 """The journey benchmark's pieces that need no peer environment: calibration targets, the runs it
 times and its argument checks (no timing here)."""
-import importlib.util
 from pathlib import Path
 
 import pytest
+
+from script_modules import load_script
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_journey.py"
 
 
 @pytest.fixture(scope="module")
 def journey():
-    spec = importlib.util.spec_from_file_location("bench_journey", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT)
 
 
 def test_targets_are_fractions_of_the_start_quality(journey):

@@ -2,22 +2,19 @@
 the configurations it runs and the table it writes."""
 import argparse
 import csv
-import importlib.util
 from pathlib import Path
 
 import pytest
 
 from ofa_fixtures import SHARED, require_file
+from script_modules import load_script
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_peers.py"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_peers", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT)
 
 
 def read_tsv(path):

@@ -1,23 +1,20 @@
 """The stage-2 benchmark's commands and report (no training or timing here)."""
 import argparse
 import csv
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
 from ofa_fixtures import BPE_DIR, REFERENCE_DIR, require_file
+from script_modules import load_script
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_stage2.py"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_stage2", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT)
 
 
 def test_stage2_commands_parse_as_ofa_train_command_lines(bench, tmp_path):

@@ -1,20 +1,18 @@
 """The exit-policy benchmark's report logic (no timing here): which setting each policy is credited
 with, the depth check, and the tables."""
 import argparse
-import importlib.util
 from pathlib import Path
 
 import pytest
+
+from script_modules import load_script
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_exit_policies.py"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_exit_policies", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT)
 
 
 def row(policy, value, quality, speedup, batch=1, task="snli_ve", knob="k"):

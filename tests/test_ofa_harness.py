@@ -17,7 +17,6 @@ with another summation order, 32 float32 ulps of their magnitude (3.8e-5 at 10).
 result files exactly: the recorded top-2 gaps are >= 8.6e-4, far above float32 noise.
 """
 import atexit
-import importlib.util
 import json
 import os
 import shutil
@@ -31,6 +30,7 @@ import pytest
 import torch
 
 from ofa_fixtures import BPE_DIR, REPO, SHARED, require_file
+from script_modules import load_script
 
 FIXTURES = REPO / "tests" / "fixtures" / "ofa_harness"
 HARNESS = REPO / "tools" / "ofa_harness"
@@ -41,10 +41,7 @@ atexit.register(shutil.rmtree, REBUILT_DIR, True)
 
 
 def harness(name: str):
-    spec = importlib.util.spec_from_file_location(f"ofa_harness_{name}", HARNESS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(HARNESS / f"{name}.py", f"ofa_harness_{name}")
 
 
 compare = harness("compare")

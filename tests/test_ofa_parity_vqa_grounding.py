@@ -6,7 +6,6 @@ checked) into a temporary folder. They load strictly; boxes, answers and the sco
 identical, beam hypotheses token for token with positional scores to 1e-5 (sums to 1e-5 or 1e-6
 relative), candidate scores to 1e-5."""
 import atexit
-import importlib.util
 import json
 import re
 import shutil
@@ -18,6 +17,7 @@ import pytest
 import torch
 
 from ofa_fixtures import BPE_DIR, REPO, require_file
+from script_modules import load_script
 
 import mue_fairseq  # noqa: F401
 
@@ -36,11 +36,7 @@ def fixture(name: str):
 
 
 def _interop_checkpoint():
-    path = REPO / "tools" / "ofa_harness" / "interop_checkpoint.py"
-    spec = importlib.util.spec_from_file_location("ofa_harness_interop_checkpoint", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(REPO / "tools" / "ofa_harness" / "interop_checkpoint.py", "ofa_harness_interop_checkpoint")
 
 
 @lru_cache(maxsize=None)
